@@ -1,0 +1,355 @@
+//! Command line: the Go proxy's options and messages (wire spec §6), plus Pingora's server
+//! options under names that do not clash with `-t/--task-id`.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener};
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::credentials::{Credentials, CredentialsError};
+use crate::resolver::ConnectTo;
+use crate::url::{RootUrl, UrlError};
+
+#[derive(Parser, Debug, Default)]
+#[command(
+    name = "taskcluster-proxy",
+    about = "Signs a task's Taskcluster API requests with credentials the task never sees.",
+    disable_version_flag = true
+)]
+pub struct Cli {
+    /// Port to listen on.
+    #[arg(short = 'p', long = "port", default_value = "8080", value_name = "PORT")]
+    pub port: String,
+    /// IPv4 or IPv6 address to listen on (default: all interfaces).
+    #[arg(short = 'i', long = "ip-address", default_value = "", value_name = "ADDRESS")]
+    pub ip_address: String,
+    /// Restrict requests to the scopes of this task (fetched from the queue at start-up).
+    #[arg(short = 't', long = "task-id", value_name = "TASK_ID")]
+    pub task_id: Option<String>,
+    /// Taskcluster root URL [env: TASKCLUSTER_ROOT_URL].
+    #[arg(long = "root-url", value_name = "URL")]
+    pub root_url: Option<String>,
+    /// Client ID [env: TASKCLUSTER_CLIENT_ID].
+    #[arg(long = "client-id", value_name = "CLIENT_ID")]
+    pub client_id: Option<String>,
+    /// Access token [env: TASKCLUSTER_ACCESS_TOKEN]; prefer the environment, argv is public.
+    #[arg(long = "access-token", value_name = "TOKEN")]
+    pub access_token: Option<String>,
+    /// Temporary-credential certificate JSON [env: TASKCLUSTER_CERTIFICATE].
+    #[arg(long = "certificate", value_name = "JSON")]
+    pub certificate: Option<String>,
+    /// OS user allowed to connect (root is always allowed).
+    #[arg(long = "allowed-user", value_name = "USERNAME")]
+    pub allowed_user: Option<String>,
+    /// CIDR admitted when the peer's socket cannot be seen (e.g. a container network).
+    #[arg(long = "allowed-network", value_name = "CIDR")]
+    pub allowed_network: Option<String>,
+    /// Extra CA certificates (PEM) trusted for upstream TLS, on top of the system roots.
+    #[arg(long = "ca-file", value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+    /// Connect to ADDR:PORT whenever HOST:PORT is the upstream (curl semantics); repeatable.
+    #[arg(long = "connect-to", value_name = "HOST:PORT:ADDR:PORT")]
+    pub connect_to: Vec<String>,
+    /// Pingora server configuration file (YAML).
+    #[arg(short = 'c', long = "conf", value_name = "PATH")]
+    pub conf: Option<String>,
+    /// Run in the background.
+    #[arg(short = 'd', long = "daemon")]
+    pub daemon: bool,
+    /// Take over the listening sockets of a running instance (zero-downtime upgrade).
+    #[arg(short = 'u', long = "upgrade")]
+    pub upgrade: bool,
+    /// Validate the configuration and exit.
+    #[arg(long = "test-conf")]
+    pub test_conf: bool,
+    /// Print the version and exit.
+    #[arg(long = "version")]
+    pub version: bool,
+    /// Print only the version number and exit.
+    #[arg(long = "short-version")]
+    pub short_version: bool,
+    /// Scopes to restrict requests to (authorizedScopes).
+    #[arg(value_name = "SCOPE")]
+    pub scopes: Vec<String>,
+}
+
+/// Validated start-up settings.
+#[derive(Debug)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub root_url: RootUrl,
+    pub credentials: Credentials,
+    /// Positional scopes; `authorizedScopes` is these plus the task's, or absent if both are.
+    pub scopes: Vec<String>,
+    pub task_id: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub connect_to: Vec<ConnectTo>,
+}
+
+/// A fatal start-up problem; `Display` is the message printed before exiting 1.
+#[derive(Debug)]
+pub enum ConfigError {
+    PortSyntax(String),
+    PortRange(i64),
+    IpAddress(String),
+    NetworkSyntax(String, String),
+    NetworkTooBroad(String, u8),
+    MissingRootUrl,
+    InvalidRootUrl(String, UrlError),
+    MissingClientId,
+    MissingAccessToken,
+    Credentials(CredentialsError),
+    Verifier(String),
+    AdmissionUnsupported,
+    ConnectTo(String),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::PortSyntax(p) => write!(f, "strconv.Atoi: parsing {p:?}: invalid syntax"),
+            Self::PortRange(p) => write!(f, "port {p} is not in range [0,65535]"),
+            Self::IpAddress(ip) => write!(
+                f,
+                "invalid IPv4/IPv6 address specified - cannot parse: {ip}"
+            ),
+            Self::NetworkSyntax(v, e) => write!(f, "invalid --allowed-network CIDR {v:?}: {e}"),
+            Self::NetworkTooBroad(v, bits) => write!(
+                f,
+                "--allowed-network CIDR {v:?} is too broad (0/{bits} allows all addresses)"
+            ),
+            Self::MissingRootUrl => f.write_str(
+                "Root URL must be passed via environment variable TASKCLUSTER_ROOT_URL or command line option --root-url",
+            ),
+            Self::InvalidRootUrl(url, e) => write!(f, "invalid root URL {url:?}: {e}"),
+            Self::MissingClientId => f.write_str(
+                "Client ID must be passed via environment variable TASKCLUSTER_CLIENT_ID or command line option --client-id",
+            ),
+            Self::MissingAccessToken => f.write_str(
+                "Access token must be passed via environment variable TASKCLUSTER_ACCESS_TOKEN or command line option --access-token",
+            ),
+            Self::Credentials(e) => write!(f, "invalid credentials: {e}"),
+            Self::Verifier(e) => write!(f, "Failed to create connection verifier: {e}"),
+            Self::AdmissionUnsupported => f.write_str(
+                "--allowed-user/--allowed-network are valid but connection admission is not \
+                 implemented in this version yet; refusing to start rather than admit every caller",
+            ),
+            Self::ConnectTo(e) => f.write_str(e),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// A flag wins over its environment variable only when non-empty (as in the Go proxy).
+fn flag_or_env(flag: &Option<String>, var: &str) -> Option<String> {
+    flag.clone()
+        .filter(|v| !v.is_empty())
+        .or_else(|| std::env::var(var).ok().filter(|v| !v.is_empty()))
+}
+
+impl Cli {
+    /// Validates in the Go proxy's order (spec §6.2), so the first error reported matches.
+    pub fn settings(&self) -> Result<Settings, ConfigError> {
+        let port = parse_port(&self.port)?;
+        let listen = listen_address(&self.ip_address, port)?;
+        if let Some(network) = &self.allowed_network {
+            parse_cidr(network)?;
+        }
+        let root_text =
+            flag_or_env(&self.root_url, "TASKCLUSTER_ROOT_URL").ok_or(ConfigError::MissingRootUrl)?;
+        let root_url = RootUrl::parse(&root_text)
+            .map_err(|e| ConfigError::InvalidRootUrl(root_text.clone(), e))?;
+        let client_id = flag_or_env(&self.client_id, "TASKCLUSTER_CLIENT_ID")
+            .ok_or(ConfigError::MissingClientId)?;
+        let access_token = flag_or_env(&self.access_token, "TASKCLUSTER_ACCESS_TOKEN")
+            .ok_or(ConfigError::MissingAccessToken)?;
+        let certificate = flag_or_env(&self.certificate, "TASKCLUSTER_CERTIFICATE");
+        if certificate.is_none() {
+            log::warn!("no certificate given: assuming permanent credentials");
+        }
+        let credentials = Credentials::new(&client_id, &access_token, certificate.as_deref())
+            .map_err(ConfigError::Credentials)?;
+        if self.allowed_user.is_some() || self.allowed_network.is_some() {
+            match self.allowed_user.as_deref() {
+                None | Some("") => {
+                    return Err(ConfigError::Verifier(
+                        "--allowed-network requires --allowed-user".into(),
+                    ))
+                }
+                Some(user) if !user_exists(user) => {
+                    return Err(ConfigError::Verifier(format!("user: unknown user {user}")))
+                }
+                Some(_) => return Err(ConfigError::AdmissionUnsupported),
+            }
+        }
+        let connect_to = self
+            .connect_to
+            .iter()
+            .map(|c| c.parse().map_err(ConfigError::ConnectTo))
+            .collect::<Result<_, _>>()?;
+        Ok(Settings {
+            listen,
+            root_url,
+            credentials,
+            scopes: self.scopes.clone(),
+            task_id: self.task_id.clone().filter(|t| !t.is_empty()),
+            ca_file: self.ca_file.clone(),
+            connect_to,
+        })
+    }
+
+    /// `--version` text: `Taskcluster proxy <ver>[ (git revision <rev>)]`.
+    pub fn version_text() -> String {
+        if crate::REVISION.is_empty() {
+            format!("Taskcluster proxy {}", crate::VERSION)
+        } else {
+            format!(
+                "Taskcluster proxy {} (git revision {})",
+                crate::VERSION,
+                crate::REVISION
+            )
+        }
+    }
+}
+
+fn parse_port(text: &str) -> Result<u16, ConfigError> {
+    let value: i64 = text
+        .parse()
+        .map_err(|_| ConfigError::PortSyntax(text.to_string()))?;
+    u16::try_from(value).map_err(|_| ConfigError::PortRange(value))
+}
+
+/// Empty address means every interface: dual-stack `[::]` where IPv6 exists, else `0.0.0.0`.
+fn listen_address(ip: &str, port: u16) -> Result<SocketAddr, ConfigError> {
+    if ip.is_empty() {
+        let any6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0);
+        let ip = if TcpListener::bind(any6).is_ok() {
+            any6.ip()
+        } else {
+            IpAddr::from([0, 0, 0, 0])
+        };
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let bare = ip.trim_start_matches('[').trim_end_matches(']');
+    let ip: IpAddr = bare
+        .parse()
+        .map_err(|_| ConfigError::IpAddress(ip.to_string()))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// Parses `addr/prefix`, refusing `/0`, which would admit everyone.
+pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8), ConfigError> {
+    let err = |e: &str| ConfigError::NetworkSyntax(text.to_string(), e.to_string());
+    let (addr, bits) = text
+        .split_once('/')
+        .ok_or_else(|| err("missing /prefix length"))?;
+    let addr: IpAddr = addr.parse().map_err(|_| err("invalid IP address"))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let bits: u8 = bits
+        .parse()
+        .ok()
+        .filter(|b| *b <= max)
+        .ok_or_else(|| err("invalid prefix length"))?;
+    if bits == 0 {
+        return Err(ConfigError::NetworkTooBroad(text.to_string(), max));
+    }
+    Ok((addr, bits))
+}
+
+fn user_exists(name: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: getpwnam takes a NUL-terminated string and returns a pointer into static
+    // storage (or null); it is only compared with null here, during single-threaded start-up.
+    unsafe { !libc::getpwnam(name.as_ptr()).is_null() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut full = vec!["taskcluster-proxy"];
+        full.extend_from_slice(args);
+        Cli::parse_from(full)
+    }
+
+    fn error(args: &[&str]) -> String {
+        cli(args).settings().unwrap_err().to_string()
+    }
+
+    const CREDS: [&str; 6] = [
+        "--root-url",
+        "https://tc.example.com",
+        "--client-id",
+        "c",
+        "--access-token",
+        "t",
+    ];
+
+    #[test]
+    fn defaults_and_positional_scopes() {
+        let c = cli(&["-t", "abc", "scope:a", "scope:b"]);
+        assert_eq!(c.port, "8080");
+        assert_eq!(c.task_id.as_deref(), Some("abc"));
+        assert_eq!(c.scopes, ["scope:a", "scope:b"]);
+        let s = cli(&CREDS).settings().unwrap();
+        assert_eq!(s.listen.port(), 8080);
+        assert!(s.listen.ip().is_unspecified());
+    }
+
+    #[test]
+    fn go_messages_in_go_order() {
+        assert_eq!(error(&["-p", "abc"]), r#"strconv.Atoi: parsing "abc": invalid syntax"#);
+        assert_eq!(error(&["-p", "70000"]), "port 70000 is not in range [0,65535]");
+        assert_eq!(
+            error(&["-i", "nope"]),
+            "invalid IPv4/IPv6 address specified - cannot parse: nope"
+        );
+        assert_eq!(
+            error(&["--allowed-network", "10.0.0.0/0"]),
+            r#"--allowed-network CIDR "10.0.0.0/0" is too broad (0/32 allows all addresses)"#
+        );
+        assert!(error(&["--allowed-network", "10.0.0.0"]).starts_with("invalid --allowed-network CIDR"));
+        assert!(error(&["-i", "127.0.0.1"]).starts_with("Root URL must be passed"));
+    }
+
+    #[test]
+    fn ipv6_listen_address() {
+        let mut args = vec!["-i", "::1", "-p", "9000"];
+        args.extend_from_slice(&CREDS);
+        assert_eq!(
+            cli(&args).settings().unwrap().listen,
+            "[::1]:9000".parse().unwrap()
+        );
+        let mut args = vec!["-i", "[::1]"];
+        args.extend_from_slice(&CREDS);
+        assert!(cli(&args).settings().is_ok());
+    }
+
+    #[test]
+    fn admission_flags_validate_then_refuse() {
+        let mut args = CREDS.to_vec();
+        args.extend_from_slice(&["--allowed-user", "root"]);
+        assert!(matches!(
+            cli(&args).settings(),
+            Err(ConfigError::AdmissionUnsupported)
+        ));
+        let mut args = CREDS.to_vec();
+        args.extend_from_slice(&["--allowed-user", "no-such-user-here"]);
+        assert_eq!(
+            cli(&args).settings().unwrap_err().to_string(),
+            "Failed to create connection verifier: user: unknown user no-such-user-here"
+        );
+    }
+
+    #[test]
+    fn bad_certificate_refused_at_start() {
+        let mut args = CREDS.to_vec();
+        args.extend_from_slice(&["--certificate", "{not json"]);
+        assert!(error(&args).starts_with("invalid credentials: invalid certificate"));
+    }
+}

@@ -1,0 +1,387 @@
+//! The Pingora `ProxyHttp` implementation: routing in `request_filter`/`upstream_peer`,
+//! Hawk signing in `upstream_request_filter`, `/bewit` and `/credentials` answered locally.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::HeaderValue;
+use pingora_core::protocols::tls::CaType;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+
+use crate::credentials::{CredentialStore, Identity};
+use crate::endpoints::{self, MAX_BODY};
+use crate::resolver::Resolver;
+use crate::routing::{self, Dispatch, Route};
+use crate::signing::{self, Target};
+use crate::url::{Origin, RootUrl};
+
+/// Timeouts applied to every upstream connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// TCP connect.
+    pub connect: Duration,
+    /// TCP connect plus TLS handshake.
+    pub total_connect: Duration,
+    /// Longest silence while reading the upstream's answer.
+    pub read: Duration,
+    /// Longest stall while writing the request to the upstream.
+    pub write: Duration,
+    /// How long an unused pooled connection is kept.
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(10),
+            total_connect: Duration::from_secs(30),
+            read: Duration::from_secs(300),
+            write: Duration::from_secs(300),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Builds Pingora peers for upstream origins: resolution, TLS trust, timeouts.
+pub struct Upstreams {
+    pub resolver: Resolver,
+    /// Platform roots plus `--ca-file`; `None` leaves Pingora's platform roots in charge.
+    pub ca: Option<Arc<CaType>>,
+    pub timeouts: Timeouts,
+}
+
+impl Upstreams {
+    pub async fn peer(&self, origin: &Origin) -> Result<HttpPeer> {
+        let addr = self
+            .resolver
+            .resolve(origin.bare_host(), origin.port)
+            .await
+            .map_err(|e| Error::explain(ErrorType::ConnectNoRoute, e.to_string()))?;
+        // SNI is always set: Pingora skips certificate verification when it is empty.
+        let mut peer = HttpPeer::new(addr, origin.is_tls(), origin.bare_host().to_string());
+        let options = &mut peer.options;
+        options.connection_timeout = Some(self.timeouts.connect);
+        options.total_connection_timeout = Some(self.timeouts.total_connect);
+        options.read_timeout = Some(self.timeouts.read);
+        options.write_timeout = Some(self.timeouts.write);
+        options.idle_timeout = Some(self.timeouts.idle);
+        options.ca = self.ca.clone();
+        Ok(peer)
+    }
+}
+
+/// Shared state of the proxy service.
+pub struct TaskclusterProxy {
+    pub root_url: RootUrl,
+    pub credentials: Arc<CredentialStore>,
+    pub upstreams: Arc<Upstreams>,
+}
+
+/// Per-request state.
+#[derive(Default)]
+pub struct RequestCtx {
+    route: Option<Route>,
+    /// The credentials this request was signed with (or answered under).
+    identity: Option<Arc<Identity>>,
+}
+
+impl RequestCtx {
+    fn origin<'a>(&'a self, root: &'a RootUrl) -> Option<&'a Origin> {
+        self.route
+            .as_ref()
+            .map(|r| r.host.as_ref().unwrap_or(&root.origin))
+    }
+}
+
+fn add_identity_headers(resp: &mut ResponseHeader, identity: &Identity) -> Result<()> {
+    for (name, value) in &identity.headers().list {
+        resp.insert_header(*name, value.clone())?;
+    }
+    Ok(())
+}
+
+impl TaskclusterProxy {
+    /// Writes a complete locally generated response.
+    async fn respond(
+        &self,
+        session: &mut Session,
+        identity: &Identity,
+        status: u16,
+        extra: &[(&'static str, HeaderValue)],
+        body: Bytes,
+    ) -> Result<()> {
+        let mut resp = ResponseHeader::build(status, Some(8))?;
+        add_identity_headers(&mut resp, identity)?;
+        for (name, value) in extra {
+            resp.insert_header(*name, value.clone())?;
+        }
+        if !body.is_empty() {
+            resp.insert_header("Content-Type", "text/plain; charset=utf-8")?;
+        }
+        resp.insert_header("Content-Length", body.len().to_string())?;
+        // An unread request body would be taken for the next request: close instead.
+        if !session.is_body_done() {
+            session.set_keepalive(None);
+        }
+        session.write_response_header(Box::new(resp), false).await?;
+        session.write_response_body(Some(body), true).await
+    }
+
+    /// Reads a small request body, or `None` if it is larger than `limit`.
+    async fn read_small_body(session: &mut Session, limit: usize) -> Result<Option<Vec<u8>>> {
+        let declared = session
+            .req_header()
+            .headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|len| len > limit as u64) {
+            return Ok(None);
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = session.read_request_body().await? {
+            if body.len() + chunk.len() > limit {
+                return Ok(None);
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Some(body))
+    }
+
+    async fn handle_bewit(&self, session: &mut Session, identity: &Identity) -> Result<()> {
+        let Some(body) = Self::read_small_body(session, MAX_BODY).await? else {
+            let msg = format!("bewit: request body larger than {MAX_BODY} bytes");
+            return self.respond(session, identity, 413, &[], msg.into()).await;
+        };
+        let signed = endpoints::signed_url(identity, &body, signing::unix_now())
+            .and_then(|url| {
+                HeaderValue::from_str(&url)
+                    .map(|v| (url, v))
+                    .map_err(|_| endpoints::BewitError::NotUtf8)
+            });
+        match signed {
+            Ok((url, location)) => {
+                self.respond(session, identity, 303, &[("Location", location)], url.into())
+                    .await
+            }
+            Err(e) => {
+                self.respond(session, identity, 400, &[], e.to_string().into())
+                    .await
+            }
+        }
+    }
+
+    async fn handle_credentials(&self, session: &mut Session, identity: &Identity) -> Result<()> {
+        if session.req_header().method != http::Method::PUT {
+            let allow = [("Allow", HeaderValue::from_static("PUT"))];
+            let msg = "credentials: only PUT is allowed";
+            return self.respond(session, identity, 405, &allow, msg.into()).await;
+        }
+        let Some(body) = Self::read_small_body(session, MAX_BODY).await? else {
+            let msg = format!("credentials: request body larger than {MAX_BODY} bytes");
+            return self.respond(session, identity, 413, &[], msg.into()).await;
+        };
+        match endpoints::rotate_credentials(&self.credentials, &body) {
+            Ok(()) => self.respond(session, identity, 200, &[], Bytes::new()).await,
+            Err(e) => {
+                log::warn!("rejected credential update: {e}");
+                let msg = format!("credentials: {e}; the previous credentials stay in force");
+                self.respond(session, identity, 400, &[], msg.into()).await
+            }
+        }
+    }
+}
+
+/// Status and plain-text reason for a failure to reach the upstream. Only the error type is
+/// described: error contexts can carry request details, and bodies must never carry secrets.
+fn failure_status(e: &Error) -> (u16, &'static str) {
+    use ErrorType::*;
+    match e.etype() {
+        HTTPStatus(code) => (*code, "error"),
+        ConnectTimedout => (504, "timed out connecting to upstream"),
+        TLSHandshakeTimedout => (504, "timed out in the TLS handshake with upstream"),
+        ReadTimedout => (504, "timed out waiting for upstream"),
+        WriteTimedout => (504, "timed out sending to upstream"),
+        ConnectRefused => (502, "connection refused by upstream"),
+        ConnectNoRoute => (502, "cannot resolve or reach upstream"),
+        TLSHandshakeFailure | InvalidCert | HandshakeError => {
+            (502, "TLS handshake failed with upstream")
+        }
+        _ => match e.esource() {
+            ErrorSource::Upstream => (502, "upstream connection failed for"),
+            ErrorSource::Downstream => (400, "bad request"),
+            _ => (500, "internal error while proxying to"),
+        },
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for TaskclusterProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> Self::CTX {
+        RequestCtx::default()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        let dispatch = routing::dispatch(&self.root_url.base_path, session.req_header().raw_path());
+        let identity = self.credentials.current();
+        match dispatch {
+            Ok(Dispatch::Proxy(route)) => {
+                if route.host.is_some() {
+                    log::info!(
+                        "hostname-form request to {}",
+                        route.host.as_ref().map(|h| h.host.as_str()).unwrap_or_default()
+                    );
+                }
+                ctx.route = Some(route);
+                return Ok(false);
+            }
+            Ok(Dispatch::Bewit) => self.handle_bewit(session, &identity).await?,
+            Ok(Dispatch::Credentials) => self.handle_credentials(session, &identity).await?,
+            Err(e) => {
+                self.respond(session, &identity, 404, &[], e.to_string().into())
+                    .await?
+            }
+        }
+        ctx.identity = Some(identity);
+        Ok(true)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
+        let origin = ctx
+            .origin(&self.root_url)
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route"))?;
+        Ok(Box::new(self.upstreams.peer(origin).await?))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let route = ctx
+            .route
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route"))?;
+        let origin = route.host.as_ref().unwrap_or(&self.root_url.origin);
+        upstream_request.set_raw_path(&route.target)?;
+        upstream_request.insert_header(http::header::HOST, origin.authority())?;
+        // The task's own credentials never travel upstream, and forwarding headers from the
+        // task would change the port the server puts into the MAC (spec §1.3).
+        upstream_request.remove_header(&http::header::AUTHORIZATION);
+        upstream_request.remove_header("X-Forwarded-Port");
+        upstream_request.remove_header("X-Forwarded-Proto");
+
+        // Signed per attempt with the credentials current at that moment.
+        let identity = self.credentials.current();
+        let method = upstream_request.method.as_str();
+        let upper;
+        let method = if method.bytes().any(|b| b.is_ascii_lowercase()) {
+            upper = method.to_ascii_uppercase();
+            upper.as_str()
+        } else {
+            method
+        };
+        let authorization = identity.authorization(&Target {
+            method,
+            resource: &route.target,
+            host: &origin.host,
+            port: origin.port,
+        });
+        upstream_request.insert_header(http::header::AUTHORIZATION, authorization)?;
+        ctx.identity = Some(identity);
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let identity = match &ctx.identity {
+            Some(identity) => identity.clone(),
+            None => self.credentials.current(),
+        };
+        // Ours overwrite any same-named upstream headers.
+        add_identity_headers(upstream_response, &identity)?;
+        if let (Some(route), Some(origin)) = (&ctx.route, ctx.origin(&self.root_url)) {
+            let mut endpoint = origin.to_string().into_bytes();
+            endpoint.extend_from_slice(&route.target);
+            if let Ok(value) = HeaderValue::from_bytes(&endpoint) {
+                upstream_response.insert_header("X-Taskcluster-Endpoint", value)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy
+    where
+        Self::CTX: Send + Sync,
+    {
+        let (mut code, reason) = failure_status(e);
+        let downstream_gone = e.esource() == &ErrorSource::Downstream
+            && matches!(
+                e.etype(),
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
+            );
+        if downstream_gone {
+            code = 0;
+        }
+        if code > 0 && session.response_written().is_none() {
+            let host = ctx
+                .origin(&self.root_url)
+                .map(Origin::authority)
+                .unwrap_or_default();
+            log::warn!("{code} for {host}: {reason}: {:?}", e.etype());
+            let body = match e.etype() {
+                ErrorType::HTTPStatus(_) => format!("taskcluster-proxy: HTTP {code}\n"),
+                _ => format!("taskcluster-proxy: {reason} {host}\n"),
+            };
+            let identity = self.credentials.current();
+            if let Err(write_err) = self
+                .respond(session, &identity, code, &[], body.into())
+                .await
+            {
+                log::debug!("failed to send error response: {write_err}");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failure_statuses() {
+        let e = Error::new(ErrorType::ConnectRefused);
+        assert_eq!(failure_status(&e).0, 502);
+        let e = Error::new(ErrorType::ReadTimedout);
+        assert_eq!(failure_status(&e).0, 504);
+        let e = Error::new(ErrorType::InvalidCert);
+        assert_eq!(failure_status(&e).0, 502);
+        let e = Error::new(ErrorType::HTTPStatus(413));
+        assert_eq!(failure_status(&e).0, 413);
+    }
+}
