@@ -15,7 +15,8 @@ use crate::url::{RootUrl, UrlError};
 #[command(
     name = "taskcluster-proxy",
     about = "Signs a task's Taskcluster API requests with credentials the task never sees.",
-    disable_version_flag = true
+    disable_version_flag = true,
+    args_override_self = true
 )]
 pub struct Cli {
     /// Port to listen on.

@@ -326,6 +326,13 @@ impl ProxyHttp for TaskclusterProxy {
         Ok(())
     }
 
+    /// Pingora's error logs name the request; bewits in queries are credentials, so redact them.
+    fn request_summary(&self, session: &Session, _ctx: &Self::CTX) -> String {
+        let req = session.req_header();
+        let target = String::from_utf8_lossy(req.raw_path());
+        format!("{} {}", req.method, redact_bewit(&target))
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -369,9 +376,32 @@ impl ProxyHttp for TaskclusterProxy {
     }
 }
 
+/// Replaces the value of every `bewit=` query parameter with `REDACTED`.
+pub fn redact_bewit(target: &str) -> std::borrow::Cow<'_, str> {
+    let Some((path, query)) = target.split_once('?') else {
+        return target.into();
+    };
+    if !query.split('&').any(|p| p.starts_with("bewit=")) {
+        return target.into();
+    }
+    let query: Vec<&str> = query
+        .split('&')
+        .map(|p| if p.starts_with("bewit=") { "bewit=REDACTED" } else { p })
+        .collect();
+    format!("{path}?{}", query.join("&")).into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bewits_are_redacted() {
+        assert_eq!(redact_bewit("/a?x=1&bewit=abc&y"), "/a?x=1&bewit=REDACTED&y");
+        assert_eq!(redact_bewit("/a?bewit=abc"), "/a?bewit=REDACTED");
+        assert_eq!(redact_bewit("/a?notbewit=1"), "/a?notbewit=1");
+        assert_eq!(redact_bewit("/a"), "/a");
+    }
 
     #[test]
     fn failure_statuses() {
