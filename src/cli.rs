@@ -20,10 +20,20 @@ use crate::url::{RootUrl, UrlError};
 )]
 pub struct Cli {
     /// Port to listen on.
-    #[arg(short = 'p', long = "port", default_value = "8080", value_name = "PORT")]
+    #[arg(
+        short = 'p',
+        long = "port",
+        default_value = "8080",
+        value_name = "PORT"
+    )]
     pub port: String,
     /// IPv4 or IPv6 address to listen on (default: all interfaces).
-    #[arg(short = 'i', long = "ip-address", default_value = "", value_name = "ADDRESS")]
+    #[arg(
+        short = 'i',
+        long = "ip-address",
+        default_value = "",
+        value_name = "ADDRESS"
+    )]
     pub ip_address: String,
     /// Restrict requests to the scopes of this task (fetched from the queue at start-up).
     #[arg(short = 't', long = "task-id", value_name = "TASK_ID")]
@@ -158,8 +168,8 @@ impl Cli {
         if let Some(network) = &self.allowed_network {
             parse_cidr(network)?;
         }
-        let root_text =
-            flag_or_env(&self.root_url, "TASKCLUSTER_ROOT_URL").ok_or(ConfigError::MissingRootUrl)?;
+        let root_text = flag_or_env(&self.root_url, "TASKCLUSTER_ROOT_URL")
+            .ok_or(ConfigError::MissingRootUrl)?;
         let root_url = RootUrl::parse(&root_text)
             .map_err(|e| ConfigError::InvalidRootUrl(root_text.clone(), e))?;
         let client_id = flag_or_env(&self.client_id, "TASKCLUSTER_CLIENT_ID")
@@ -304,8 +314,14 @@ mod tests {
 
     #[test]
     fn go_messages_in_go_order() {
-        assert_eq!(error(&["-p", "abc"]), r#"strconv.Atoi: parsing "abc": invalid syntax"#);
-        assert_eq!(error(&["-p", "70000"]), "port 70000 is not in range [0,65535]");
+        assert_eq!(
+            error(&["-p", "abc"]),
+            r#"strconv.Atoi: parsing "abc": invalid syntax"#
+        );
+        assert_eq!(
+            error(&["-p", "70000"]),
+            "port 70000 is not in range [0,65535]"
+        );
         assert_eq!(
             error(&["-i", "nope"]),
             "invalid IPv4/IPv6 address specified - cannot parse: nope"
@@ -314,7 +330,9 @@ mod tests {
             error(&["--allowed-network", "10.0.0.0/0"]),
             r#"--allowed-network CIDR "10.0.0.0/0" is too broad (0/32 allows all addresses)"#
         );
-        assert!(error(&["--allowed-network", "10.0.0.0"]).starts_with("invalid --allowed-network CIDR"));
+        assert!(
+            error(&["--allowed-network", "10.0.0.0"]).starts_with("invalid --allowed-network CIDR")
+        );
         assert!(error(&["-i", "127.0.0.1"]).starts_with("Root URL must be passed"));
     }
 

@@ -457,7 +457,10 @@ mod tests {
             r#"{"version":1,"scopes":[],"start":1,"expiry":2,"seed":"JYR4wzMCTG6XeDS2cDUCMwH0RFUXGfQjK7LgqD-e6lSQ","signature":"s","issuer":7}"#,
         ] {
             assert!(
-                matches!(Certificate::parse(bad), Err(CredentialsError::InvalidCertificate(_))),
+                matches!(
+                    Certificate::parse(bad),
+                    Err(CredentialsError::InvalidCertificate(_))
+                ),
                 "accepted {bad}"
             );
         }
@@ -476,8 +479,9 @@ mod tests {
         assert_eq!(ok.client_id, "abc/def/ghi");
         assert_eq!(ok.certificate.unwrap().scopes().len(), 2);
 
-        let perm = Credentials::from_json(br#"{"clientId":"a","accessToken":"t","certificate":""}"#)
-            .unwrap();
+        let perm =
+            Credentials::from_json(br#"{"clientId":"a","accessToken":"t","certificate":""}"#)
+                .unwrap();
         assert!(perm.certificate.is_none());
 
         assert_eq!(
@@ -537,12 +541,18 @@ mod tests {
                 .find(|(n, _)| *n == name)
                 .map(|(_, v)| v.to_str().unwrap().to_string())
         };
-        assert_eq!(get("X-Taskcluster-Proxy-Temp-ClientId").unwrap(), "abc/def/ghi");
+        assert_eq!(
+            get("X-Taskcluster-Proxy-Temp-ClientId").unwrap(),
+            "abc/def/ghi"
+        );
         assert_eq!(
             get("X-Taskcluster-Proxy-Temp-Scopes").unwrap(),
             r#"["scope/asd:fhjdf/X","scope/asd:fhjdf/XYZ*"]"#
         );
-        assert_eq!(get("X-Taskcluster-Authorized-Scopes").unwrap(), r#"["a:b"]"#);
+        assert_eq!(
+            get("X-Taskcluster-Authorized-Scopes").unwrap(),
+            r#"["a:b"]"#
+        );
         assert!(get("X-Taskcluster-Proxy-Perm-ClientId").is_none());
     }
 

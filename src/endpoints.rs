@@ -59,7 +59,11 @@ pub fn signed_url(identity: &Identity, body: &[u8], now: u64) -> Result<String, 
     let mut signed = String::with_capacity(text.len() + bewit.len() + 9);
     signed.push_str(url.prefix);
     signed.push_str(&resource);
-    signed.push_str(if url.query.is_some() { "&bewit=" } else { "?bewit=" });
+    signed.push_str(if url.query.is_some() {
+        "&bewit="
+    } else {
+        "?bewit="
+    });
     signed.push_str(&bewit);
     if let Some(fragment) = url.fragment {
         signed.push('#');
@@ -81,7 +85,10 @@ mod tests {
     use crate::signing::{bewit, HawkKey};
 
     fn identity() -> Identity {
-        Identity::new(&Credentials::new("tester", "no-secret", None).unwrap(), None)
+        Identity::new(
+            &Credentials::new("tester", "no-secret", None).unwrap(),
+            None,
+        )
     }
 
     #[test]
@@ -109,7 +116,11 @@ mod tests {
         ] {
             let url = signed_url(&identity(), input.as_bytes(), 100).unwrap();
             let expected = bewit("tester", &key, "", resource.as_bytes(), "h", 443, 3700);
-            let base = if input == "https://h" { "https://h/" } else { input };
+            let base = if input == "https://h" {
+                "https://h/"
+            } else {
+                input
+            };
             assert_eq!(url, format!("{base}{joiner}bewit={expected}"));
         }
     }
@@ -125,7 +136,10 @@ mod tests {
     #[test]
     fn unusable_bodies() {
         assert_eq!(signed_url(&identity(), b"", 0), Err(BewitError::Empty));
-        assert_eq!(signed_url(&identity(), b"\xff", 0), Err(BewitError::NotUtf8));
+        assert_eq!(
+            signed_url(&identity(), b"\xff", 0),
+            Err(BewitError::NotUtf8)
+        );
         assert!(matches!(
             signed_url(&identity(), b"/relative/path", 0),
             Err(BewitError::Url(UrlError::NotAbsolute))

@@ -158,16 +158,21 @@ impl TaskclusterProxy {
             let msg = format!("bewit: request body larger than {MAX_BODY} bytes");
             return self.respond(session, identity, 413, &[], msg.into()).await;
         };
-        let signed = endpoints::signed_url(identity, &body, signing::unix_now())
-            .and_then(|url| {
-                HeaderValue::from_str(&url)
-                    .map(|v| (url, v))
-                    .map_err(|_| endpoints::BewitError::NotUtf8)
-            });
+        let signed = endpoints::signed_url(identity, &body, signing::unix_now()).and_then(|url| {
+            HeaderValue::from_str(&url)
+                .map(|v| (url, v))
+                .map_err(|_| endpoints::BewitError::NotUtf8)
+        });
         match signed {
             Ok((url, location)) => {
-                self.respond(session, identity, 303, &[("Location", location)], url.into())
-                    .await
+                self.respond(
+                    session,
+                    identity,
+                    303,
+                    &[("Location", location)],
+                    url.into(),
+                )
+                .await
             }
             Err(e) => {
                 self.respond(session, identity, 400, &[], e.to_string().into())
@@ -180,14 +185,19 @@ impl TaskclusterProxy {
         if session.req_header().method != http::Method::PUT {
             let allow = [("Allow", HeaderValue::from_static("PUT"))];
             let msg = "credentials: only PUT is allowed";
-            return self.respond(session, identity, 405, &allow, msg.into()).await;
+            return self
+                .respond(session, identity, 405, &allow, msg.into())
+                .await;
         }
         let Some(body) = Self::read_small_body(session, MAX_BODY).await? else {
             let msg = format!("credentials: request body larger than {MAX_BODY} bytes");
             return self.respond(session, identity, 413, &[], msg.into()).await;
         };
         match endpoints::rotate_credentials(&self.credentials, &body) {
-            Ok(()) => self.respond(session, identity, 200, &[], Bytes::new()).await,
+            Ok(()) => {
+                self.respond(session, identity, 200, &[], Bytes::new())
+                    .await
+            }
             Err(e) => {
                 log::warn!("rejected credential update: {e}");
                 let msg = format!("credentials: {e}; the previous credentials stay in force");
@@ -236,7 +246,11 @@ impl ProxyHttp for TaskclusterProxy {
                 if route.host.is_some() {
                     log::info!(
                         "hostname-form request to {}",
-                        route.host.as_ref().map(|h| h.host.as_str()).unwrap_or_default()
+                        route
+                            .host
+                            .as_ref()
+                            .map(|h| h.host.as_str())
+                            .unwrap_or_default()
                     );
                 }
                 ctx.route = Some(route);
@@ -386,7 +400,13 @@ pub fn redact_bewit(target: &str) -> std::borrow::Cow<'_, str> {
     }
     let query: Vec<&str> = query
         .split('&')
-        .map(|p| if p.starts_with("bewit=") { "bewit=REDACTED" } else { p })
+        .map(|p| {
+            if p.starts_with("bewit=") {
+                "bewit=REDACTED"
+            } else {
+                p
+            }
+        })
         .collect();
     format!("{path}?{}", query.join("&")).into()
 }
@@ -397,7 +417,10 @@ mod tests {
 
     #[test]
     fn bewits_are_redacted() {
-        assert_eq!(redact_bewit("/a?x=1&bewit=abc&y"), "/a?x=1&bewit=REDACTED&y");
+        assert_eq!(
+            redact_bewit("/a?x=1&bewit=abc&y"),
+            "/a?x=1&bewit=REDACTED&y"
+        );
         assert_eq!(redact_bewit("/a?bewit=abc"), "/a?bewit=REDACTED");
         assert_eq!(redact_bewit("/a?notbewit=1"), "/a?notbewit=1");
         assert_eq!(redact_bewit("/a"), "/a");

@@ -184,10 +184,7 @@ mod tests {
                 to_port: 8443
             })
         );
-        assert_eq!(
-            "h:443:[::1]:9".parse::<ConnectTo>().unwrap().to_host,
-            "::1"
-        );
+        assert_eq!("h:443:[::1]:9".parse::<ConnectTo>().unwrap().to_host, "::1");
         assert!("h:443:127.0.0.1".parse::<ConnectTo>().is_err());
         assert!("h:x:127.0.0.1:1".parse::<ConnectTo>().is_err());
     }

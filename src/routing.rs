@@ -199,7 +199,9 @@ fn is_hostname(seg: &[u8]) -> bool {
     !seg.is_empty()
         && seg.split(|&b| b == b'.').all(|label| {
             !label.is_empty()
-                && label.iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-')
+                && label
+                    .iter()
+                    .all(|b| b.is_ascii_alphanumeric() || *b == b'-')
                 && label[0] != b'-'
                 && label[label.len() - 1] != b'-'
         })
@@ -247,7 +249,10 @@ mod tests {
             target("/queue/v1/double//slash/encode1%2F/encode2%252F"),
             "ROOT/api/queue/v1/double//slash/encode1%2F/encode2%252F"
         );
-        assert_eq!(target("/queue/v1/a/../b/./c"), "ROOT/api/queue/v1/a/../b/./c");
+        assert_eq!(
+            target("/queue/v1/a/../b/./c"),
+            "ROOT/api/queue/v1/a/../b/./c"
+        );
         assert_eq!(target("/queue/v1/%2e%2e/y"), "ROOT/api/queue/v1/%2e%2e/y");
         assert_eq!(target("/queue/v1//double"), "ROOT/api/queue/v1/double");
         assert_eq!(target("/api/queue/v1//x"), "ROOT/api/queue/v1/x");

@@ -95,7 +95,9 @@ pub fn run(cli: Cli) -> Result<(), StartError> {
     ));
 
     let conf = match &cli.conf {
-        Some(path) => ServerConf::load_from_yaml(path).map_err(|e| StartError::Server(e.to_string()))?,
+        Some(path) => {
+            ServerConf::load_from_yaml(path).map_err(|e| StartError::Server(e.to_string()))?
+        }
         None => default_server_conf(settings.listen.port())?,
     };
     let opt = Opt {

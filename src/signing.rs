@@ -116,7 +116,11 @@ pub fn authorization_header(
 /// to warn when the server's 4096-character limit would reject every request (spec §7.14).
 pub fn authorization_header_max_len(client_id: &str, ext: &str) -> usize {
     let fixed = r#"Hawk id="", mac="", ts="", nonce="""#.len();
-    let ext_part = if ext.is_empty() { 0 } else { r#", ext="""#.len() + ext.len() };
+    let ext_part = if ext.is_empty() {
+        0
+    } else {
+        r#", ext="""#.len() + ext.len()
+    };
     fixed + client_id.len() + 44 + 20 + NONCE_LEN + ext_part
 }
 
@@ -336,7 +340,9 @@ mod tests {
         let b = nonce();
         assert_eq!(a.len(), NONCE_LEN);
         assert_ne!(a, b);
-        assert!(a.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
+        assert!(a
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_'));
     }
 
     #[test]
@@ -348,7 +354,8 @@ mod tests {
             host: "h",
             port: 443,
         };
-        let real = authorization_header("id", &HawkKey::new("k"), &ext, &target, u64::MAX, &nonce());
+        let real =
+            authorization_header("id", &HawkKey::new("k"), &ext, &target, u64::MAX, &nonce());
         assert!(real.len() <= authorization_header_max_len("id", &ext));
         assert!(real.len() + 12 >= authorization_header_max_len("id", &ext));
     }

@@ -139,8 +139,14 @@ async fn fetch_once(
     let snippet = || String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
     match status {
         200..=299 => Ok(body.into()),
-        500..=599 => Err(TaskError::Transient(format!("HTTP {status}: {}", snippet()))),
-        _ => Err(TaskError::Permanent(format!("HTTP {status}: {}", snippet()))),
+        500..=599 => Err(TaskError::Transient(format!(
+            "HTTP {status}: {}",
+            snippet()
+        ))),
+        _ => Err(TaskError::Permanent(format!(
+            "HTTP {status}: {}",
+            snippet()
+        ))),
     }
 }
 
@@ -160,7 +166,10 @@ mod tests {
 
     #[test]
     fn escapes_task_ids() {
-        assert_eq!(escape_segment("DSlhVLpwQhS-3fLhmbo1eQ"), "DSlhVLpwQhS-3fLhmbo1eQ");
+        assert_eq!(
+            escape_segment("DSlhVLpwQhS-3fLhmbo1eQ"),
+            "DSlhVLpwQhS-3fLhmbo1eQ"
+        );
         assert_eq!(escape_segment("a/b c"), "a%2Fb%20c");
     }
 }

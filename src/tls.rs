@@ -87,7 +87,9 @@ mod tests {
                    -----BEGIN CERTIFICATE-----\nBA==\n-----END CERTIFICATE-----\n";
         assert_eq!(pem_certificates(pem), Ok(vec![vec![0, 1, 2, 3], vec![4]]));
         assert_eq!(pem_certificates("nothing"), Ok(vec![]));
-        assert!(pem_certificates("-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----").is_err());
+        assert!(
+            pem_certificates("-----BEGIN CERTIFICATE-----\n!!\n-----END CERTIFICATE-----").is_err()
+        );
         assert!(pem_certificates("-----BEGIN CERTIFICATE-----\nAAEC").is_err());
     }
 }

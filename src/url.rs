@@ -272,13 +272,19 @@ mod tests {
     #[test]
     fn rejects_what_cannot_be_signed() {
         assert_eq!(AbsoluteUrl::parse("/relative"), Err(UrlError::NotAbsolute));
-        assert_eq!(AbsoluteUrl::parse("tc.example.com/x"), Err(UrlError::NotAbsolute));
+        assert_eq!(
+            AbsoluteUrl::parse("tc.example.com/x"),
+            Err(UrlError::NotAbsolute)
+        );
         assert!(matches!(
             AbsoluteUrl::parse("ftp://h/p"),
             Err(UrlError::UnsupportedScheme(_))
         ));
         assert_eq!(AbsoluteUrl::parse("https:///p"), Err(UrlError::MissingHost));
-        assert_eq!(AbsoluteUrl::parse("https://u:p@h/"), Err(UrlError::UserInfo));
+        assert_eq!(
+            AbsoluteUrl::parse("https://u:p@h/"),
+            Err(UrlError::UserInfo)
+        );
         assert!(matches!(
             AbsoluteUrl::parse("https://h:99999/"),
             Err(UrlError::InvalidPort(_))
