@@ -3,7 +3,16 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=TASKCLUSTER_PROXY_REVISION");
+    // HEAD names the branch; the branch ref (loose or packed) moves on every commit.
     println!("cargo:rerun-if-changed=.git/HEAD");
+    if std::path::Path::new(".git/packed-refs").exists() {
+        println!("cargo:rerun-if-changed=.git/packed-refs");
+    }
+    if let Ok(head) = std::fs::read_to_string(".git/HEAD") {
+        if let Some(reference) = head.trim().strip_prefix("ref: ") {
+            println!("cargo:rerun-if-changed=.git/{reference}");
+        }
+    }
     if std::env::var_os("TASKCLUSTER_PROXY_REVISION").is_some() {
         return;
     }

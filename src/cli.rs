@@ -42,13 +42,21 @@ pub struct Cli {
     #[arg(long = "root-url", value_name = "URL")]
     pub root_url: Option<String>,
     /// Client ID [env: TASKCLUSTER_CLIENT_ID].
-    #[arg(long = "client-id", value_name = "CLIENT_ID")]
+    #[arg(
+        long = "client-id",
+        value_name = "CLIENT_ID",
+        allow_hyphen_values = true
+    )]
     pub client_id: Option<String>,
     /// Access token [env: TASKCLUSTER_ACCESS_TOKEN]; prefer the environment, argv is public.
-    #[arg(long = "access-token", value_name = "TOKEN")]
+    #[arg(
+        long = "access-token",
+        value_name = "TOKEN",
+        allow_hyphen_values = true
+    )]
     pub access_token: Option<String>,
     /// Temporary-credential certificate JSON [env: TASKCLUSTER_CERTIFICATE].
-    #[arg(long = "certificate", value_name = "JSON")]
+    #[arg(long = "certificate", value_name = "JSON", allow_hyphen_values = true)]
     pub certificate: Option<String>,
     /// OS user allowed to connect (root is always allowed).
     #[arg(long = "allowed-user", value_name = "USERNAME")]
@@ -334,6 +342,14 @@ mod tests {
             error(&["--allowed-network", "10.0.0.0"]).starts_with("invalid --allowed-network CIDR")
         );
         assert!(error(&["-i", "127.0.0.1"]).starts_with("Root URL must be passed"));
+    }
+
+    #[test]
+    fn tokens_may_start_with_a_hyphen() {
+        let c = cli(&["--access-token", "-AGSx", "--client-id", "-c", "scope"]);
+        assert_eq!(c.access_token.as_deref(), Some("-AGSx"));
+        assert_eq!(c.client_id.as_deref(), Some("-c"));
+        assert_eq!(c.scopes, ["scope"]);
     }
 
     #[test]

@@ -33,20 +33,24 @@ impl fmt::Display for CaError {
 
 impl std::error::Error for CaError {}
 
+/// A `CERTIFICATE` block that is unterminated or not base64.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MalformedPem;
+
 /// DER bodies of every `CERTIFICATE` block in a PEM text.
-pub fn pem_certificates(pem: &str) -> Result<Vec<Vec<u8>>, ()> {
+pub fn pem_certificates(pem: &str) -> Result<Vec<Vec<u8>>, MalformedPem> {
     const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
     const END: &str = "-----END CERTIFICATE-----";
     let mut certs = Vec::new();
     let mut rest = pem;
     while let Some(start) = rest.find(BEGIN) {
         let body_start = start + BEGIN.len();
-        let end = rest[body_start..].find(END).ok_or(())? + body_start;
+        let end = rest[body_start..].find(END).ok_or(MalformedPem)? + body_start;
         let b64: String = rest[body_start..end]
             .chars()
             .filter(|c| !c.is_ascii_whitespace())
             .collect();
-        certs.push(STANDARD.decode(b64).map_err(|_| ())?);
+        certs.push(STANDARD.decode(b64).map_err(|_| MalformedPem)?);
         rest = &rest[end + END.len()..];
     }
     Ok(certs)

@@ -533,7 +533,7 @@ fn certificate_vectors_of_spec_8_1() {
 
 #[test]
 fn strip_bewit_follows_server_regex() {
-    let s = |t: &str| strip_bewit(t).map(|(a, b)| (a, b));
+    let s = strip_bewit;
     assert_eq!(
         s("/p?a=1&bewit=X&b=2"),
         Some(("/p?a=1&b=2".into(), "X".into()))
@@ -820,6 +820,7 @@ fn raw_request_targets_are_echoed_verbatim() {
         "/x?",
         "/api/queue/v1/%2e%2e/y",
         "/p?b=1&a=2&scope=queue:get",
+        "/api/queue/v1/x/y/z~!$'()*,;=:@?q=a/b?c&&e=",
     ] {
         let auth = signed(&tc, "perm", "perm-token", "GET", t, None);
         let r = client::send(
@@ -838,7 +839,7 @@ fn raw_request_targets_are_echoed_verbatim() {
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["auth"]["scheme"], json!("none"));
     assert_eq!(r.json()["auth"]["scopes"], json!([]));
-    assert_eq!(tc.requests_seen(), 5);
+    assert_eq!(tc.requests_seen(), 6);
 }
 
 #[test]
@@ -1269,9 +1270,54 @@ fn tls_fake_serves_localhost_and_extra_names() {
     assert!(Conn::connect_tls(tc.addr(), "other.example.com", &ca)
         .and_then(|mut c| c.request("GET", b"/", &[], b""))
         .is_err());
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while tc.tls_failures() == 0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(tc.tls_failures() >= 1);
+    assert!(support::wait_until(Duration::from_secs(5), || tc
+        .tls_failures()
+        >= 1));
+}
+
+/// A one-shot raw server answering with `response` bytes, then closing.
+fn raw_server(response: &'static [u8]) -> std::net::SocketAddr {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let mut got = Vec::new();
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(response).unwrap();
+    });
+    addr
+}
+
+#[test]
+fn client_parses_close_delimited_chunked_and_interim_responses() {
+    let a =
+        raw_server(b"HTTP/1.1 200 OK\r\nConnection: close\r\nX-A: 1\r\nX-A: 2\r\n\r\nhello world");
+    let r = client::get(a, "/");
+    assert_eq!((r.status, r.text()), (200, "hello world".to_string()));
+    assert_eq!(r.header_all("x-a"), vec!["1", "2"]);
+
+    let a = raw_server(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n",
+    );
+    let r = client::get(a, "/");
+    assert_eq!((r.status, r.text()), (201, "hello world".to_string()));
+
+    let a = raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort");
+    assert!(
+        client::try_send(a, "GET", b"/", &[], b"").is_err(),
+        "truncated body must be an error"
+    );
+
+    let a = raw_server(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n");
+    let r = client::try_send(a, "HEAD", b"/", &[], b"").unwrap();
+    assert!(r.body.is_empty());
+    assert_eq!(r.header("content-length"), Some("10"));
 }

@@ -22,6 +22,9 @@ pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(60);
 pub trait Stream: Read + Write + Send {}
 impl<T: Read + Write + Send> Stream for T {}
 
+/// Status code, reason phrase and header lines of a response.
+pub type Head = (u16, String, Vec<(String, String)>);
+
 #[derive(Clone, Debug)]
 pub struct Response {
     pub status: u16,
@@ -251,7 +254,7 @@ impl Conn {
         &mut self,
         method: &str,
         sink: &mut dyn FnMut(&[u8]),
-    ) -> io::Result<(u16, String, Vec<(String, String)>)> {
+    ) -> io::Result<Head> {
         let (status, reason, headers) = self.read_head()?;
         let framing = self.response_framing(method, status, &headers)?;
         if header_in(&headers, "connection")
@@ -265,46 +268,52 @@ impl Conn {
     }
 
     /// Read status line and headers, skipping interim 1xx responses.
-    pub fn read_head(&mut self) -> io::Result<(u16, String, Vec<(String, String)>)> {
+    pub fn read_head(&mut self) -> io::Result<Head> {
         loop {
-            let line = self.read_line()?;
-            let line = String::from_utf8_lossy(&line).into_owned();
-            let mut parts = line.splitn(3, ' ');
-            let version = parts.next().unwrap_or("");
-            if !version.starts_with("HTTP/1.") {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("bad status line: {line:?}"),
-                ));
-            }
-            let status: u16 = parts.next().unwrap_or("").parse().map_err(|_| {
-                io::Error::new(io::ErrorKind::InvalidData, format!("bad status: {line:?}"))
-            })?;
-            let reason = parts.next().unwrap_or("").to_string();
-            let mut headers = Vec::new();
-            loop {
-                let l = self.read_line()?;
-                if l.is_empty() {
-                    break;
-                }
-                let l = String::from_utf8_lossy(&l).into_owned();
-                let (k, v) = l.split_once(':').ok_or_else(|| {
-                    io::Error::new(io::ErrorKind::InvalidData, format!("bad header: {l:?}"))
-                })?;
-                headers.push((k.trim().to_string(), v.trim().to_string()));
-            }
+            let (status, reason, headers) = self.read_one_head()?;
             if (100..200).contains(&status) && status != 101 {
                 continue;
             }
-            if version == "HTTP/1.0"
-                && !header_in(&headers, "connection")
-                    .map(|v| v.eq_ignore_ascii_case("keep-alive"))
-                    .unwrap_or(false)
-            {
-                self.closed = true;
-            }
             return Ok((status, reason, headers));
         }
+    }
+
+    /// Read one status line + headers, including interim (1xx) responses.
+    pub fn read_one_head(&mut self) -> io::Result<Head> {
+        let line = self.read_line()?;
+        let line = String::from_utf8_lossy(&line).into_owned();
+        let mut parts = line.splitn(3, ' ');
+        let version = parts.next().unwrap_or("");
+        if !version.starts_with("HTTP/1.") {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("bad status line: {line:?}"),
+            ));
+        }
+        let status: u16 = parts.next().unwrap_or("").parse().map_err(|_| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("bad status: {line:?}"))
+        })?;
+        let reason = parts.next().unwrap_or("").to_string();
+        let mut headers = Vec::new();
+        loop {
+            let l = self.read_line()?;
+            if l.is_empty() {
+                break;
+            }
+            let l = String::from_utf8_lossy(&l).into_owned();
+            let (k, v) = l.split_once(':').ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, format!("bad header: {l:?}"))
+            })?;
+            headers.push((k.trim().to_string(), v.trim().to_string()));
+        }
+        if version == "HTTP/1.0"
+            && !header_in(&headers, "connection")
+                .map(|v| v.eq_ignore_ascii_case("keep-alive"))
+                .unwrap_or(false)
+        {
+            self.closed = true;
+        }
+        Ok((status, reason, headers))
     }
 
     fn response_framing(

@@ -444,7 +444,14 @@ async fn handle(
     let auth_json = match &auth {
         Ok(a) => a.to_json(),
         Err(e) => {
-            json!({"scheme": if authorization.is_some() {"hawk"} else {"bewit"}, "ok": false, "error": e})
+            let scheme = if authorization.is_some() {
+                "hawk"
+            } else if target.contains("bewit=") {
+                "bewit"
+            } else {
+                "none"
+            };
+            json!({"scheme": scheme, "ok": false, "error": e})
         }
     };
     let mut echo = json!({

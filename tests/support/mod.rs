@@ -79,3 +79,17 @@ pub fn assert_auth_ok(echo: &serde_json::Value) {
         serde_json::to_string_pretty(echo).unwrap()
     );
 }
+
+/// Poll `cond` every 10 ms until it holds or `timeout` passes; returns whether it held.
+pub fn wait_until(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

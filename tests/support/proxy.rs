@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 /// Path of the binary under test (set by cargo for integration tests; the support module is
 /// also compiled into the `fake-taskcluster` example, where it is not).
 pub fn bin() -> &'static str {
-    option_env!("CARGO_BIN_EXE_taskcluster-proxy").expect("only integration tests run the proxy")
+    match option_env!("CARGO_BIN_EXE_taskcluster-proxy") {
+        Some(path) => path,
+        None => panic!("only integration tests run the proxy"),
+    }
 }
 
 /// A port that was free a moment ago (bind 127.0.0.1:0 and drop).
