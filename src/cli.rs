@@ -3,11 +3,13 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Parser;
 
+use crate::config::{ConfError, Listener, LogLevel, ProxyConfig};
 use crate::credentials::{Credentials, CredentialsError};
+use crate::proxy::Timeouts;
 use crate::resolver::ConnectTo;
 use crate::url::{RootUrl, UrlError};
 
@@ -19,22 +21,12 @@ use crate::url::{RootUrl, UrlError};
     args_override_self = true
 )]
 pub struct Cli {
-    /// Port to listen on.
-    #[arg(
-        short = 'p',
-        long = "port",
-        default_value = "8080",
-        value_name = "PORT"
-    )]
-    pub port: String,
-    /// IPv4 or IPv6 address to listen on (default: all interfaces).
-    #[arg(
-        short = 'i',
-        long = "ip-address",
-        default_value = "",
-        value_name = "ADDRESS"
-    )]
-    pub ip_address: String,
+    /// Port to listen on [default: 8080]. With -i, replaces the configuration file's listeners.
+    #[arg(short = 'p', long = "port", value_name = "PORT")]
+    pub port: Option<String>,
+    /// IPv4 or IPv6 address to listen on [default: all interfaces].
+    #[arg(short = 'i', long = "ip-address", value_name = "ADDRESS")]
+    pub ip_address: Option<String>,
     /// Restrict requests to the scopes of this task (fetched from the queue at start-up).
     #[arg(short = 't', long = "task-id", value_name = "TASK_ID")]
     pub task_id: Option<String>,
@@ -70,7 +62,7 @@ pub struct Cli {
     /// Connect to ADDR:PORT whenever HOST:PORT is the upstream (curl semantics); repeatable.
     #[arg(long = "connect-to", value_name = "HOST:PORT:ADDR:PORT")]
     pub connect_to: Vec<String>,
-    /// Pingora server configuration file (YAML).
+    /// Configuration file (YAML): Pingora's server keys and a `taskcluster_proxy:` section.
     #[arg(short = 'c', long = "conf", value_name = "PATH")]
     pub conf: Option<String>,
     /// Run in the background.
@@ -96,14 +88,18 @@ pub struct Cli {
 /// Validated start-up settings.
 #[derive(Debug)]
 pub struct Settings {
-    pub listen: SocketAddr,
+    pub listen: Vec<Listener>,
     pub root_url: RootUrl,
     pub credentials: Credentials,
-    /// Positional scopes; `authorizedScopes` is these plus the task's, or absent if both are.
-    pub scopes: Vec<String>,
+    /// Positional scopes, else the file's; `authorizedScopes` is these plus the task's scopes,
+    /// or absent when there are neither.
+    pub scopes: Option<Vec<String>>,
     pub task_id: Option<String>,
     pub ca_file: Option<PathBuf>,
     pub connect_to: Vec<ConnectTo>,
+    pub state_file: Option<PathBuf>,
+    pub timeouts: Timeouts,
+    pub log_level: Option<LogLevel>,
 }
 
 /// A fatal start-up problem; `Display` is the message printed before exiting 1.
@@ -122,6 +118,7 @@ pub enum ConfigError {
     Verifier(String),
     AdmissionUnsupported,
     ConnectTo(String),
+    File(ConfError),
 }
 
 impl fmt::Display for ConfigError {
@@ -155,38 +152,73 @@ impl fmt::Display for ConfigError {
                  implemented in this version yet; refusing to start rather than admit every caller",
             ),
             Self::ConnectTo(e) => f.write_str(e),
+            Self::File(e) => e.fmt(f),
         }
     }
 }
 
 impl std::error::Error for ConfigError {}
 
-/// A flag wins over its environment variable only when non-empty (as in the Go proxy).
-fn flag_or_env(flag: &Option<String>, var: &str) -> Option<String> {
-    flag.clone()
-        .filter(|v| !v.is_empty())
-        .or_else(|| std::env::var(var).ok().filter(|v| !v.is_empty()))
+/// Flag, else environment variable, else configuration file; empty values do not count
+/// (a flag wins over its environment variable only when non-empty, as in the Go proxy).
+fn first_set(flag: &Option<String>, var: &str, file: &Option<String>) -> Option<String> {
+    let set = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
+    set(flag)
+        .or_else(|| set(&std::env::var(var).ok()))
+        .or_else(|| set(file))
 }
 
 impl Cli {
-    /// Validates in the Go proxy's order (spec §6.2), so the first error reported matches.
+    /// Reads the configuration file (if any) and validates everything in the Go proxy's
+    /// order (spec §6.2), so the first error reported matches. Precedence for each setting:
+    /// flag, environment variable, configuration file, default.
     pub fn settings(&self) -> Result<Settings, ConfigError> {
-        let port = parse_port(&self.port)?;
-        let listen = listen_address(&self.ip_address, port)?;
+        let file = match &self.conf {
+            Some(path) => ProxyConfig::load(Path::new(path)).map_err(ConfigError::File)?,
+            None => ProxyConfig::default(),
+        };
+        let listen = if self.port.is_some() || self.ip_address.is_some() || file.listen.is_empty() {
+            let port = parse_port(self.port.as_deref().unwrap_or("8080"))?;
+            vec![Listener::Tcp(listen_address(
+                self.ip_address.as_deref().unwrap_or(""),
+                port,
+            )?)]
+        } else {
+            file.listen
+        };
         if let Some(network) = &self.allowed_network {
             parse_cidr(network)?;
         }
-        let root_text = flag_or_env(&self.root_url, "TASKCLUSTER_ROOT_URL")
+        let root_text = first_set(&self.root_url, "TASKCLUSTER_ROOT_URL", &file.root_url)
             .ok_or(ConfigError::MissingRootUrl)?;
         let root_url = RootUrl::parse(&root_text)
             .map_err(|e| ConfigError::InvalidRootUrl(root_text.clone(), e))?;
-        let client_id = flag_or_env(&self.client_id, "TASKCLUSTER_CLIENT_ID")
-            .ok_or(ConfigError::MissingClientId)?;
-        let access_token = flag_or_env(&self.access_token, "TASKCLUSTER_ACCESS_TOKEN")
-            .ok_or(ConfigError::MissingAccessToken)?;
-        let certificate = flag_or_env(&self.certificate, "TASKCLUSTER_CERTIFICATE");
+        let from_file = &file.credentials;
+        let client_id = first_set(
+            &self.client_id,
+            "TASKCLUSTER_CLIENT_ID",
+            &from_file.client_id,
+        )
+        .ok_or(ConfigError::MissingClientId)?;
+        let access_token = first_set(
+            &self.access_token,
+            "TASKCLUSTER_ACCESS_TOKEN",
+            &from_file.access_token,
+        )
+        .ok_or(ConfigError::MissingAccessToken)?;
+        let certificate = first_set(
+            &self.certificate,
+            "TASKCLUSTER_CERTIFICATE",
+            &from_file.certificate,
+        );
         if certificate.is_none() {
             log::warn!("no certificate given: assuming permanent credentials");
+        }
+        if self.access_token.as_deref().is_some_and(|t| !t.is_empty()) {
+            log::warn!(
+                "--access-token is visible to every local user in the process list; \
+                 prefer TASKCLUSTER_ACCESS_TOKEN or a credentials file"
+            );
         }
         let credentials = Credentials::new(&client_id, &access_token, certificate.as_deref())
             .map_err(ConfigError::Credentials)?;
@@ -203,19 +235,35 @@ impl Cli {
                 Some(_) => return Err(ConfigError::AdmissionUnsupported),
             }
         }
-        let connect_to = self
-            .connect_to
+        let connect_to = if self.connect_to.is_empty() {
+            &file.connect_to
+        } else {
+            &self.connect_to
+        };
+        let connect_to = connect_to
             .iter()
             .map(|c| c.parse().map_err(ConfigError::ConnectTo))
             .collect::<Result<_, _>>()?;
+        let scopes = if self.scopes.is_empty() {
+            file.authorized_scopes
+        } else {
+            Some(self.scopes.clone())
+        };
         Ok(Settings {
             listen,
             root_url,
             credentials,
-            scopes: self.scopes.clone(),
-            task_id: self.task_id.clone().filter(|t| !t.is_empty()),
-            ca_file: self.ca_file.clone(),
+            scopes,
+            task_id: self
+                .task_id
+                .clone()
+                .or(file.task_id)
+                .filter(|t| !t.is_empty()),
+            ca_file: self.ca_file.clone().or(file.ca_file),
             connect_to,
+            state_file: file.state_file,
+            timeouts: file.timeouts,
+            log_level: file.log_level,
         })
     }
 
@@ -312,12 +360,17 @@ mod tests {
     #[test]
     fn defaults_and_positional_scopes() {
         let c = cli(&["-t", "abc", "scope:a", "scope:b"]);
-        assert_eq!(c.port, "8080");
         assert_eq!(c.task_id.as_deref(), Some("abc"));
         assert_eq!(c.scopes, ["scope:a", "scope:b"]);
         let s = cli(&CREDS).settings().unwrap();
-        assert_eq!(s.listen.port(), 8080);
-        assert!(s.listen.ip().is_unspecified());
+        match s.listen.as_slice() {
+            [Listener::Tcp(addr)] => {
+                assert_eq!(addr.port(), 8080);
+                assert!(addr.ip().is_unspecified());
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.scopes, None);
     }
 
     #[test]
@@ -358,7 +411,7 @@ mod tests {
         args.extend_from_slice(&CREDS);
         assert_eq!(
             cli(&args).settings().unwrap().listen,
-            "[::1]:9000".parse().unwrap()
+            vec![Listener::Tcp("[::1]:9000".parse().unwrap())]
         );
         let mut args = vec!["-i", "[::1]"];
         args.extend_from_slice(&CREDS);

@@ -106,6 +106,11 @@ impl Certificate {
         &self.scopes
     }
 
+    /// The certificate as compact JSON text, the form Taskcluster hands it out in.
+    pub fn to_json_string(&self) -> String {
+        Value::Object(self.object.clone()).to_string()
+    }
+
     /// Expiry as Unix milliseconds.
     pub fn expiry_ms(&self) -> f64 {
         self.expiry_ms
@@ -173,6 +178,10 @@ impl Credentials {
         })
     }
 
+    pub fn access_token(&self) -> &str {
+        &self.access_token
+    }
+
     /// Parses a `PUT /credentials` body: `{"clientId", "accessToken", "certificate"?}`, where the
     /// certificate is the certificate JSON as a string (as Taskcluster hands it out) or, for
     /// convenience, the object itself. Unknown keys are ignored, like the Go proxy.
@@ -233,6 +242,8 @@ pub struct IdentityHeaders {
 
 /// Everything signing needs for one set of credentials, computed once per rotation.
 pub struct Identity {
+    credentials: Credentials,
+    authorized_scopes: Option<Vec<String>>,
     client_id: String,
     key: HawkKey,
     ext: String,
@@ -293,6 +304,8 @@ impl Identity {
             ));
         }
         Identity {
+            credentials: credentials.clone(),
+            authorized_scopes: authorized_scopes.map(<[String]>::to_vec),
             client_id: credentials.client_id.clone(),
             key: HawkKey::new(&credentials.access_token),
             ext,
@@ -303,6 +316,15 @@ impl Identity {
 
     pub fn client_id(&self) -> &str {
         &self.client_id
+    }
+
+    /// The credentials this identity signs with.
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
+    }
+
+    pub fn authorized_scopes(&self) -> Option<&[String]> {
+        self.authorized_scopes.as_deref()
     }
 
     /// Expiry of the temporary certificate (Unix ms); `None` for permanent credentials.
@@ -349,7 +371,6 @@ impl Identity {
 /// and never waits for in-flight requests, which keep the snapshot they started with.
 pub struct CredentialStore {
     current: ArcSwap<Identity>,
-    authorized_scopes: Option<Vec<String>>,
 }
 
 impl CredentialStore {
@@ -358,7 +379,6 @@ impl CredentialStore {
         warn_if_oversized(&identity);
         CredentialStore {
             current: ArcSwap::from_pointee(identity),
-            authorized_scopes,
         }
     }
 
@@ -368,7 +388,13 @@ impl CredentialStore {
 
     /// Replaces the credentials; `authorizedScopes` are kept, as in the Go proxy.
     pub fn rotate(&self, credentials: &Credentials) {
-        let identity = Identity::new(credentials, self.authorized_scopes.as_deref());
+        let scopes = self.current.load().authorized_scopes.clone();
+        self.replace(credentials, scopes);
+    }
+
+    /// Replaces credentials and scopes together (state adopted from another process).
+    pub fn replace(&self, credentials: &Credentials, authorized_scopes: Option<Vec<String>>) {
+        let identity = Identity::new(credentials, authorized_scopes.as_deref());
         warn_if_oversized(&identity);
         log::info!(
             "credentials rotated: clientId={} ({})",
@@ -382,8 +408,8 @@ impl CredentialStore {
         self.current.store(Arc::new(identity));
     }
 
-    pub fn authorized_scopes(&self) -> Option<&[String]> {
-        self.authorized_scopes.as_deref()
+    pub fn authorized_scopes(&self) -> Option<Vec<String>> {
+        self.current.load().authorized_scopes.clone()
     }
 }
 
@@ -566,6 +592,6 @@ mod tests {
         store.rotate(&Credentials::new("two", "t2", None).unwrap());
         assert_eq!(before.client_id(), "one");
         assert_eq!(store.current().client_id(), "two");
-        assert_eq!(store.authorized_scopes(), Some(&["s".to_string()][..]));
+        assert_eq!(store.authorized_scopes(), Some(vec!["s".to_string()]));
     }
 }

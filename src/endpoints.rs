@@ -4,7 +4,7 @@
 
 use std::fmt;
 
-use crate::credentials::{CredentialStore, Credentials, CredentialsError, Identity};
+use crate::credentials::Identity;
 use crate::url::{AbsoluteUrl, UrlError};
 
 /// Bewits from `/bewit` are valid for one hour, as in the Go proxy.
@@ -72,16 +72,10 @@ pub fn signed_url(identity: &Identity, body: &[u8], now: u64) -> Result<String, 
     Ok(signed)
 }
 
-/// Applies a `PUT /credentials` body; on error the current credentials stay in force.
-pub fn rotate_credentials(store: &CredentialStore, body: &[u8]) -> Result<(), CredentialsError> {
-    let credentials = Credentials::from_json(body)?;
-    store.rotate(&credentials);
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::credentials::Credentials;
     use crate::signing::{bewit, HawkKey};
 
     fn identity() -> Identity {

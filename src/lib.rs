@@ -7,6 +7,7 @@
 //! hold the Pingora wiring.
 
 pub mod cli;
+pub mod config;
 pub mod credentials;
 pub mod endpoints;
 pub mod proxy;
@@ -14,6 +15,7 @@ pub mod resolver;
 pub mod routing;
 pub mod server;
 pub mod signing;
+pub mod state;
 pub mod task;
 pub mod tls;
 pub mod url;

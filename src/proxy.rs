@@ -13,11 +13,12 @@ use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
-use crate::credentials::{CredentialStore, Identity};
+use crate::credentials::{CredentialStore, Credentials, Identity};
 use crate::endpoints::{self, MAX_BODY};
 use crate::resolver::Resolver;
 use crate::routing::{self, Dispatch, Route};
 use crate::signing::{self, Target};
+use crate::state::StateFile;
 use crate::url::{Origin, RootUrl};
 
 /// Timeouts applied to every upstream connection.
@@ -80,6 +81,10 @@ pub struct TaskclusterProxy {
     pub root_url: RootUrl,
     pub credentials: Arc<CredentialStore>,
     pub upstreams: Arc<Upstreams>,
+    /// Where rotations are recorded for a process taking over in an upgrade.
+    pub state: Option<Arc<StateFile>>,
+    /// Serialises `PUT /credentials` so the recorded and the in-memory order agree.
+    pub rotation: tokio::sync::Mutex<()>,
 }
 
 /// Per-request state.
@@ -193,17 +198,36 @@ impl TaskclusterProxy {
             let msg = format!("credentials: request body larger than {MAX_BODY} bytes");
             return self.respond(session, identity, 413, &[], msg.into()).await;
         };
-        match endpoints::rotate_credentials(&self.credentials, &body) {
-            Ok(()) => {
-                self.respond(session, identity, 200, &[], Bytes::new())
-                    .await
-            }
+        let credentials = match Credentials::from_json(&body) {
+            Ok(credentials) => credentials,
             Err(e) => {
                 log::warn!("rejected credential update: {e}");
                 let msg = format!("credentials: {e}; the previous credentials stay in force");
-                self.respond(session, identity, 400, &[], msg.into()).await
+                return self.respond(session, identity, 400, &[], msg.into()).await;
+            }
+        };
+        let _rotation = self.rotation.lock().await;
+        // Recorded before it takes effect: a 200 promises the rotation survives an upgrade.
+        if let Some(state) = &self.state {
+            let (state, creds) = (state.clone(), credentials.clone());
+            let scopes = self.credentials.authorized_scopes();
+            let persisted =
+                tokio::task::spawn_blocking(move || state.persist(&creds, scopes.as_deref())).await;
+            let failure = match persisted {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(e) => Some(e.to_string()),
+            };
+            if let Some(e) = failure {
+                log::error!("credential update not applied: {e}");
+                let msg = "credentials: could not record the new credentials for hand-over; \
+                           the previous credentials stay in force";
+                return self.respond(session, identity, 500, &[], msg.into()).await;
             }
         }
+        self.credentials.rotate(&credentials);
+        self.respond(session, identity, 200, &[], Bytes::new())
+            .await
     }
 }
 

@@ -1,16 +1,23 @@
-//! Server wiring: settings → credential store, upstreams, Pingora server and listener.
+//! Server wiring: settings → credential store, state hand-over, upstreams, Pingora server
+//! and listeners.
 
 use std::fmt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use pingora_core::listeners::TcpSocketOptions;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
+use pingora_core::services::background::background_service;
 use pingora_proxy::http_proxy_service;
 
-use crate::cli::{Cli, ConfigError};
+use crate::cli::{Cli, ConfigError, Settings};
+use crate::config::Listener;
 use crate::credentials::{CredentialStore, Identity};
-use crate::proxy::{TaskclusterProxy, Timeouts, Upstreams};
+use crate::proxy::{TaskclusterProxy, Upstreams};
 use crate::resolver::{Resolver, DEFAULT_TTL};
+use crate::state::{StateFile, StateWatcher};
 use crate::task::fetch_task_scopes;
 use crate::tls::{self, CaError};
 
@@ -42,34 +49,76 @@ impl From<ConfigError> for StartError {
     }
 }
 
-/// Pingora settings when no `--conf` file is given: one worker thread per core and a
-/// keep-alive pool large enough for a shared proxy, files named after the port so several
-/// proxies (one per task, as generic-worker runs them) can share a host.
+/// Pingora settings when no configuration file is given: one worker thread per core, a
+/// keep-alive pool large enough for a shared proxy, a one-minute drain on SIGTERM, and files
+/// named after the port so several proxies (one per task, as generic-worker runs them) can
+/// share a host.
 fn default_server_conf(port: u16) -> Result<ServerConf, StartError> {
     let mut conf =
         ServerConf::new().ok_or_else(|| StartError::Server("default configuration".into()))?;
     conf.threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     conf.upstream_keepalive_pool_size = 1024;
+    conf.grace_period_seconds = Some(60);
+    conf.graceful_shutdown_timeout_seconds = Some(5);
     conf.pid_file = format!("/tmp/taskcluster-proxy-{port}.pid");
     conf.upgrade_sock = format!("/tmp/taskcluster-proxy-{port}-upgrade.sock");
     Ok(conf)
 }
 
+fn server_conf(cli: &Cli, settings: &Settings) -> Result<ServerConf, StartError> {
+    match &cli.conf {
+        Some(path) => {
+            ServerConf::load_from_yaml(path).map_err(|e| StartError::Server(format!("{path}: {e}")))
+        }
+        None => {
+            let port = settings
+                .listen
+                .iter()
+                .find_map(|l| match l {
+                    Listener::Tcp(addr) => Some(addr.port()),
+                    Listener::Unix(..) => None,
+                })
+                .unwrap_or(0);
+            default_server_conf(port)
+        }
+    }
+}
+
+/// The state file: configured, else beside the upgrade socket when a configuration file is
+/// used. Plain command-line runs keep state in memory only (nothing secret written to /tmp).
+fn state_path(cli: &Cli, settings: &Settings, conf: &ServerConf) -> Option<PathBuf> {
+    settings.state_file.clone().or_else(|| {
+        cli.conf
+            .as_ref()
+            .map(|_| PathBuf::from(format!("{}.state.json", conf.upgrade_sock)))
+    })
+}
+
 /// Validates everything, then serves until told to stop. Returns only on a start-up error.
 pub fn run(cli: Cli) -> Result<(), StartError> {
     let settings = cli.settings()?;
+    if let Some(level) = settings.log_level {
+        if std::env::var_os("RUST_LOG").is_none() {
+            log::set_max_level(level.filter());
+        }
+    }
+    let conf = server_conf(&cli, &settings)?;
     let ca = match &settings.ca_file {
         Some(path) => Some(tls::roots_with_extra(path).map_err(StartError::Ca)?),
         None => None,
     };
+    if cli.test_conf {
+        println!("configuration OK");
+        return Ok(());
+    }
     let upstreams = Arc::new(Upstreams {
         resolver: Resolver::new(settings.connect_to.clone(), DEFAULT_TTL),
         ca,
-        timeouts: Timeouts::default(),
+        timeouts: settings.timeouts,
     });
 
     let mut scopes = settings.scopes.clone();
-    if let (Some(task_id), false) = (&settings.task_id, cli.test_conf) {
+    if let Some(task_id) = &settings.task_id {
         let identity = Identity::new(&settings.credentials, None);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -85,26 +134,22 @@ pub fn run(cli: Cli) -> Result<(), StartError> {
             .map_err(|e| StartError::Task(task_id.clone(), e.to_string()))?;
         runtime.shutdown_timeout(std::time::Duration::from_secs(1));
         log::info!("task {task_id} grants {} scopes", task_scopes.len());
-        scopes.extend(task_scopes);
+        scopes.get_or_insert_with(Vec::new).extend(task_scopes);
     }
-    // No task and no positional scopes: the credentials' full power (authorizedScopes absent).
-    let authorized_scopes = (settings.task_id.is_some() || !scopes.is_empty()).then_some(scopes);
-    let credentials = Arc::new(CredentialStore::new(
-        &settings.credentials,
-        authorized_scopes,
-    ));
 
-    let conf = match &cli.conf {
-        Some(path) => {
-            ServerConf::load_from_yaml(path).map_err(|e| StartError::Server(e.to_string()))?
-        }
-        None => default_server_conf(settings.listen.port())?,
-    };
+    let state = state_path(&cli, &settings, &conf).map(|p| Arc::new(StateFile::new(p)));
+    let credentials = Arc::new(initial_credentials(
+        &cli,
+        &settings,
+        scopes,
+        state.as_deref(),
+    )?);
+
     let opt = Opt {
         upgrade: cli.upgrade,
         daemon: cli.daemon,
         nocapture: false,
-        test: cli.test_conf,
+        test: false,
         conf: None,
     };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
@@ -112,17 +157,78 @@ pub fn run(cli: Cli) -> Result<(), StartError> {
 
     let proxy = TaskclusterProxy {
         root_url: settings.root_url.clone(),
-        credentials,
+        credentials: credentials.clone(),
         upstreams,
+        state: state.clone(),
+        rotation: Default::default(),
     };
     let mut service = http_proxy_service(&server.configuration, proxy);
-    service.add_tcp(&settings.listen.to_string());
+    for listener in &settings.listen {
+        match listener {
+            Listener::Tcp(addr) => {
+                let mut options = TcpSocketOptions::default();
+                if addr.is_ipv6() && addr.ip().is_unspecified() {
+                    // `[::]` serves IPv4 too, like Go's ":port".
+                    options.ipv6_only = Some(false);
+                }
+                service.add_tcp_with_settings(&addr.to_string(), options);
+            }
+            Listener::Unix(path, mode) => service.add_uds(
+                &path.to_string_lossy(),
+                mode.map(std::fs::Permissions::from_mode),
+            ),
+        }
+        log::info!("listening on {listener}");
+    }
     log::info!(
-        "taskcluster-proxy {} listening on {} for {}",
+        "taskcluster-proxy {} serving {}",
         crate::VERSION,
-        settings.listen,
         settings.root_url
     );
     server.add_service(service);
+    if let Some(state) = state {
+        log::info!("state hand-over file: {}", state.path().display());
+        server.add_service(background_service(
+            "state watcher",
+            StateWatcher {
+                state,
+                store: credentials,
+            },
+        ));
+    }
     server.run_forever()
+}
+
+/// The credentials to start with: when taking over from a running process, the state it
+/// handed over; otherwise the configured ones, recorded as the new state.
+fn initial_credentials(
+    cli: &Cli,
+    settings: &Settings,
+    scopes: Option<Vec<String>>,
+    state: Option<&StateFile>,
+) -> Result<CredentialStore, StartError> {
+    let Some(state) = state else {
+        return Ok(CredentialStore::new(&settings.credentials, scopes));
+    };
+    if cli.upgrade {
+        match state.load() {
+            Ok(Some((credentials, scopes))) => {
+                log::info!(
+                    "taking over credentials of clientId {} from {}",
+                    credentials.client_id,
+                    state.path().display()
+                );
+                return Ok(CredentialStore::new(&credentials, scopes));
+            }
+            Ok(None) => log::warn!(
+                "upgrade without a state file at {}: using the configured credentials",
+                state.path().display()
+            ),
+            Err(e) => log::error!("{e}; using the configured credentials"),
+        }
+    }
+    state
+        .persist(&settings.credentials, scopes.as_deref())
+        .map_err(|e| StartError::Server(e.to_string()))?;
+    Ok(CredentialStore::new(&settings.credentials, scopes))
 }
