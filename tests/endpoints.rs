@@ -354,6 +354,7 @@ fn credentials_rotation_does_not_wait_for_in_flight_download() {
     let r = put_credentials(&proxy, body.as_bytes());
     let took = start.elapsed();
     let progress_at_put = received.load(Ordering::SeqCst);
+    eprintln!("PUT /credentials during a download answered in {took:?}");
     assert_eq!(r.status, 200);
     assert!(
         took < Duration::from_millis(100),
