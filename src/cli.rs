@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Parser;
 
+use crate::accesslog;
 use crate::config::{ConfError, Listener, LogLevel, ProxyConfig};
 use crate::credentials::{Credentials, CredentialsError};
 use crate::proxy::Timeouts;
@@ -62,6 +63,12 @@ pub struct Cli {
     /// Connect to ADDR:PORT whenever HOST:PORT is the upstream (curl semantics); repeatable.
     #[arg(long = "connect-to", value_name = "HOST:PORT:ADDR:PORT")]
     pub connect_to: Vec<String>,
+    /// Serve /metrics, /healthz and /readyz on this separate address (never the task port).
+    #[arg(long = "metrics-address", value_name = "HOST:PORT")]
+    pub metrics_address: Option<SocketAddr>,
+    /// Access log format: text, json or off [default: text].
+    #[arg(long = "access-log", value_name = "FORMAT")]
+    pub access_log: Option<accesslog::Format>,
     /// Configuration file (YAML): Pingora's server keys and a `taskcluster_proxy:` section.
     #[arg(short = 'c', long = "conf", value_name = "PATH")]
     pub conf: Option<String>,
@@ -100,6 +107,8 @@ pub struct Settings {
     pub state_file: Option<PathBuf>,
     pub timeouts: Timeouts,
     pub log_level: Option<LogLevel>,
+    pub access_log: accesslog::Format,
+    pub metrics_address: Option<SocketAddr>,
 }
 
 /// A fatal start-up problem; `Display` is the message printed before exiting 1.
@@ -264,6 +273,8 @@ impl Cli {
             state_file: file.state_file,
             timeouts: file.timeouts,
             log_level: file.log_level,
+            access_log: self.access_log.or(file.access_log).unwrap_or_default(),
+            metrics_address: self.metrics_address.or(file.metrics_address),
         })
     }
 

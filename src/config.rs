@@ -59,6 +59,8 @@ struct Section {
     #[serde(default)]
     connect_to: Vec<String>,
     log_level: Option<LogLevel>,
+    access_log: Option<crate::accesslog::Format>,
+    metrics_address: Option<String>,
     #[serde(default)]
     upstream_timeouts: TimeoutsEntry,
 }
@@ -151,6 +153,8 @@ pub struct ProxyConfig {
     pub ca_file: Option<PathBuf>,
     pub connect_to: Vec<String>,
     pub log_level: Option<LogLevel>,
+    pub access_log: Option<crate::accesslog::Format>,
+    pub metrics_address: Option<SocketAddr>,
     pub timeouts: Timeouts,
 }
 
@@ -210,6 +214,15 @@ impl ProxyConfig {
             ca_file: section.ca_file,
             connect_to: section.connect_to,
             log_level: section.log_level,
+            access_log: section.access_log,
+            metrics_address: section
+                .metrics_address
+                .map(|a| {
+                    a.parse::<SocketAddr>().map_err(|_| {
+                        invalid(format!("{SECTION}.metrics_address: {a:?} is not IP:PORT"))
+                    })
+                })
+                .transpose()?,
             timeouts,
         })
     }

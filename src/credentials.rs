@@ -406,6 +406,7 @@ impl CredentialStore {
             }
         );
         self.current.store(Arc::new(identity));
+        crate::metrics::METRICS.rotations.inc();
     }
 
     pub fn authorized_scopes(&self) -> Option<Vec<String>> {

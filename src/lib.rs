@@ -6,10 +6,12 @@
 //! lives in its own modules so it is unit tested without sockets; `proxy` and `server`
 //! hold the Pingora wiring.
 
+pub mod accesslog;
 pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod endpoints;
+pub mod metrics;
 pub mod proxy;
 pub mod resolver;
 pub mod routing;

@@ -1,20 +1,24 @@
 //! The Pingora `ProxyHttp` implementation: routing in `request_filter`/`upstream_peer`,
 //! Hawk signing in `upstream_request_filter`, `/bewit` and `/credentials` answered locally.
 
+use std::any::Any;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::HeaderValue;
 use pingora_core::protocols::tls::CaType;
+use pingora_core::protocols::Digest;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_core::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::accesslog;
 use crate::credentials::{CredentialStore, Credentials, Identity};
 use crate::endpoints::{self, MAX_BODY};
+use crate::metrics::{ConnectionGuard, Form, Labels, METRICS};
 use crate::resolver::Resolver;
 use crate::routing::{self, Dispatch, Route};
 use crate::signing::{self, Target};
@@ -85,14 +89,23 @@ pub struct TaskclusterProxy {
     pub state: Option<Arc<StateFile>>,
     /// Serialises `PUT /credentials` so the recorded and the in-memory order agree.
     pub rotation: tokio::sync::Mutex<()>,
+    pub access_log: accesslog::Format,
 }
 
 /// Per-request state.
-#[derive(Default)]
 pub struct RequestCtx {
     route: Option<Route>,
     /// The credentials this request was signed with (or answered under).
     identity: Option<Arc<Identity>>,
+    labels: Labels,
+    start: Instant,
+    /// When the current upstream attempt was sent.
+    upstream_start: Option<Instant>,
+    upstream_reused: Option<bool>,
+    attempts: u32,
+    in_flight: bool,
+    /// Keeps this task connection counted while it is open (carried across keep-alive).
+    connection: Option<Arc<ConnectionGuard>>,
 }
 
 impl RequestCtx {
@@ -146,11 +159,13 @@ impl TaskclusterProxy {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
         if declared.is_some_and(|len| len > limit as u64) {
+            METRICS.rejected_body_too_large.inc();
             return Ok(None);
         }
         let mut body = Vec::new();
         while let Some(chunk) = session.read_request_body().await? {
             if body.len() + chunk.len() > limit {
+                METRICS.rejected_body_too_large.inc();
                 return Ok(None);
             }
             body.extend_from_slice(&chunk);
@@ -231,6 +246,20 @@ impl TaskclusterProxy {
     }
 }
 
+/// Index into [`crate::metrics::ERROR_KINDS`] for upstream failures.
+fn error_kind(e: &Error) -> Option<usize> {
+    use ErrorType::*;
+    match e.etype() {
+        ConnectRefused => Some(0),
+        ConnectTimedout | TLSHandshakeTimedout | ReadTimedout | WriteTimedout => Some(1),
+        TLSHandshakeFailure | InvalidCert | HandshakeError => Some(2),
+        ConnectNoRoute => Some(3),
+        HTTPStatus(_) => None,
+        _ if e.esource() == &ErrorSource::Upstream => Some(4),
+        _ => None,
+    }
+}
+
 /// Status and plain-text reason for a failure to reach the upstream. Only the error type is
 /// described: error contexts can carry request details, and bodies must never carry secrets.
 fn failure_status(e: &Error) -> (u16, &'static str) {
@@ -259,12 +288,55 @@ impl ProxyHttp for TaskclusterProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> Self::CTX {
-        RequestCtx::default()
+        RequestCtx {
+            route: None,
+            identity: None,
+            labels: Labels::default(),
+            start: Instant::now(),
+            upstream_start: None,
+            upstream_reused: None,
+            attempts: 0,
+            in_flight: false,
+            connection: None,
+        }
+    }
+
+    fn on_connection_reuse(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+        prev_ctx: Box<dyn Any + Send + Sync>,
+    ) {
+        if let Ok(guard) = prev_ctx.downcast::<Arc<ConnectionGuard>>() {
+            ctx.connection = Some(*guard);
+        }
+    }
+
+    fn persist_connection_context(
+        &self,
+        _session: &Session,
+        ctx: &Self::CTX,
+    ) -> Option<Box<dyn Any + Send + Sync>> {
+        ctx.connection
+            .clone()
+            .map(|guard| Box::new(guard) as Box<dyn Any + Send + Sync>)
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        if ctx.connection.is_none() {
+            ctx.connection = Some(ConnectionGuard::new());
+        }
+        METRICS.in_flight.inc();
+        ctx.in_flight = true;
         let dispatch = routing::dispatch(&self.root_url.base_path, session.req_header().raw_path());
         let identity = self.credentials.current();
+        let method = session.req_header().method.as_str();
+        ctx.labels = match &dispatch {
+            Ok(Dispatch::Proxy(route)) => Labels::new(route.form.into(), route.service(), method),
+            Ok(Dispatch::Bewit) => Labels::new(Form::Bewit, None, method),
+            Ok(Dispatch::Credentials) => Labels::new(Form::Credentials, None, method),
+            Err(_) => Labels::new(Form::Invalid, None, method),
+        };
         match dispatch {
             Ok(Dispatch::Proxy(route)) => {
                 if route.host.is_some() {
@@ -296,6 +368,10 @@ impl ProxyHttp for TaskclusterProxy {
         _session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
+        ctx.attempts += 1;
+        if ctx.attempts > 1 {
+            METRICS.retries.inc();
+        }
         let origin = ctx
             .origin(&self.root_url)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route"))?;
@@ -337,9 +413,88 @@ impl ProxyHttp for TaskclusterProxy {
             host: &origin.host,
             port: origin.port,
         });
-        upstream_request.insert_header(http::header::AUTHORIZATION, authorization)?;
+        upstream_request
+            .insert_header(http::header::AUTHORIZATION, authorization)
+            .inspect_err(|_| METRICS.signing_errors.inc())?;
         ctx.identity = Some(identity);
+        ctx.upstream_start = Some(Instant::now());
         Ok(())
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        _fd: std::os::unix::io::RawFd,
+        _digest: Option<&Digest>,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        METRICS.upstream_connection(reused);
+        ctx.upstream_reused = Some(reused);
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if !upstream_response.status.is_informational() {
+            if let Some(start) = ctx.upstream_start.take() {
+                let form = ctx.route.as_ref().map_or(Form::Invalid, |r| r.form.into());
+                METRICS.upstream_duration(form, start.elapsed().as_secs_f64());
+            }
+        }
+        Ok(())
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+        if ctx.in_flight {
+            METRICS.in_flight.dec();
+            ctx.in_flight = false;
+        }
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let downstream = session.as_downstream();
+        let (bytes_in, bytes_out) = (
+            downstream.body_bytes_read() as u64,
+            downstream.body_bytes_sent() as u64,
+        );
+        METRICS.request(ctx.labels, status, bytes_in, bytes_out);
+        if self.access_log == accesslog::Format::Off
+            || !log::log_enabled!(target: accesslog::TARGET, log::Level::Info)
+        {
+            return;
+        }
+        let req = session.req_header();
+        let path = String::from_utf8_lossy(req.raw_path());
+        let upstream = ctx
+            .origin(&self.root_url)
+            .map(Origin::authority)
+            .unwrap_or_default();
+        let client = session
+            .client_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let record = accesslog::Record {
+            time: accesslog::now_rfc3339(),
+            method: req.method.as_str(),
+            form: ctx.labels.form(),
+            service: ctx.labels.service(),
+            upstream: &upstream,
+            path: &redact_bewit(&path),
+            status,
+            bytes_in,
+            bytes_out,
+            duration_ms: ctx.start.elapsed().as_secs_f64() * 1000.0,
+            upstream_reused: ctx.upstream_reused,
+            retries: ctx.attempts.saturating_sub(1),
+            client: &client,
+        };
+        if let Some(line) = record.line(self.access_log) {
+            log::info!(target: accesslog::TARGET, "{line}");
+        }
     }
 
     async fn response_filter(
@@ -381,6 +536,9 @@ impl ProxyHttp for TaskclusterProxy {
         Self::CTX: Send + Sync,
     {
         let (mut code, reason) = failure_status(e);
+        if let Some(kind) = error_kind(e) {
+            METRICS.upstream_error(kind);
+        }
         let downstream_gone = e.esource() == &ErrorSource::Downstream
             && matches!(
                 e.etype(),

@@ -48,6 +48,15 @@ pub struct Route {
     pub host: Option<Origin>,
     /// Upstream request-target: path plus `?query` when the query is non-empty.
     pub target: Vec<u8>,
+    /// Where the service name sits in `target` (API and shortcut forms).
+    pub service: Option<std::ops::Range<usize>>,
+}
+
+impl Route {
+    /// The Taskcluster service named by an API or shortcut form request.
+    pub fn service(&self) -> Option<&[u8]> {
+        self.service.clone().map(|r| &self.target[r])
+    }
 }
 
 /// Why a request-target maps to no upstream; `Display` is the 404 body.
@@ -124,6 +133,7 @@ pub fn dispatch(base_path: &str, request_target: &[u8]) -> Result<Dispatch, Rout
             form: RouteForm::Hostname,
             host: Some(Origin::new(Scheme::Https, host, None)),
             target,
+            service: None,
         }));
     }
     if first.starts_with(b"api") {
@@ -173,6 +183,7 @@ fn api_route(
         Vec::with_capacity(base_path.len() + svc.len() + ver.len() + rest.len() + query.len() + 9);
     target.extend_from_slice(base_path.as_bytes());
     target.extend_from_slice(b"/api/");
+    let service = target.len()..target.len() + svc.len();
     target.extend_from_slice(svc);
     target.push(b'/');
     target.extend_from_slice(ver);
@@ -183,6 +194,7 @@ fn api_route(
         form,
         host: None,
         target,
+        service: Some(service),
     }
 }
 
@@ -315,6 +327,20 @@ mod tests {
         assert_eq!(dispatch("", b"/credentials?x=1"), Ok(Dispatch::Credentials));
         assert!(dispatch("", b"/bewitx").is_err());
         assert!(dispatch("", b"/credentials/x").is_err());
+    }
+
+    #[test]
+    fn service_is_located_in_the_target() {
+        for t in ["/queue/v1/x", "/api/queue/v1/x"] {
+            match dispatch("/base", t.as_bytes()) {
+                Ok(Dispatch::Proxy(r)) => assert_eq!(r.service(), Some(&b"queue"[..])),
+                other => panic!("{other:?}"),
+            }
+        }
+        match dispatch("", b"/h.example.com/x") {
+            Ok(Dispatch::Proxy(r)) => assert_eq!(r.service(), None),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -10,11 +10,13 @@ use pingora_core::listeners::TcpSocketOptions;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
 use pingora_core::services::background::background_service;
+use pingora_core::services::listening::Service;
 use pingora_proxy::http_proxy_service;
 
 use crate::cli::{Cli, ConfigError, Settings};
 use crate::config::Listener;
 use crate::credentials::{CredentialStore, Identity};
+use crate::metrics::MetricsApp;
 use crate::proxy::{TaskclusterProxy, Upstreams};
 use crate::resolver::{Resolver, DEFAULT_TTL};
 use crate::state::{StateFile, StateWatcher};
@@ -161,6 +163,7 @@ pub fn run(cli: Cli) -> Result<(), StartError> {
         upstreams,
         state: state.clone(),
         rotation: Default::default(),
+        access_log: settings.access_log,
     };
     let mut service = http_proxy_service(&server.configuration, proxy);
     for listener in &settings.listen {
@@ -186,6 +189,17 @@ pub fn run(cli: Cli) -> Result<(), StartError> {
         settings.root_url
     );
     server.add_service(service);
+    if let Some(addr) = settings.metrics_address {
+        let mut metrics = Service::new(
+            "metrics".to_string(),
+            MetricsApp {
+                store: credentials.clone(),
+            },
+        );
+        metrics.add_tcp(&addr.to_string());
+        log::info!("metrics, /healthz and /readyz on {addr}");
+        server.add_service(metrics);
+    }
     if let Some(state) = state {
         log::info!("state hand-over file: {}", state.path().display());
         server.add_service(background_service(
