@@ -109,6 +109,8 @@ pub struct Settings {
     pub log_level: Option<LogLevel>,
     pub access_log: accesslog::Format,
     pub metrics_address: Option<SocketAddr>,
+    /// Problems worth a warning once logging is set up.
+    pub warnings: Vec<String>,
 }
 
 /// A fatal start-up problem; `Display` is the message printed before exiting 1.
@@ -220,13 +222,15 @@ impl Cli {
             "TASKCLUSTER_CERTIFICATE",
             &from_file.certificate,
         );
+        let mut warnings = Vec::new();
         if certificate.is_none() {
-            log::warn!("no certificate given: assuming permanent credentials");
+            warnings.push("no certificate given: assuming permanent credentials".to_string());
         }
         if self.access_token.as_deref().is_some_and(|t| !t.is_empty()) {
-            log::warn!(
+            warnings.push(
                 "--access-token is visible to every local user in the process list; \
                  prefer TASKCLUSTER_ACCESS_TOKEN or a credentials file"
+                    .to_string(),
             );
         }
         let credentials = Credentials::new(&client_id, &access_token, certificate.as_deref())
@@ -275,6 +279,7 @@ impl Cli {
             log_level: file.log_level,
             access_log: self.access_log.or(file.access_log).unwrap_or_default(),
             metrics_address: self.metrics_address.or(file.metrics_address),
+            warnings,
         })
     }
 

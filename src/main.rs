@@ -1,5 +1,6 @@
 use clap::Parser;
-use taskcluster_proxy::cli::Cli;
+use taskcluster_proxy::accesslog;
+use taskcluster_proxy::cli::{Cli, Settings};
 
 fn main() {
     let cli = Cli::parse();
@@ -11,27 +12,42 @@ fn main() {
         println!("{}", taskcluster_proxy::VERSION);
         return;
     }
-    init_logging();
-    if let Err(e) = taskcluster_proxy::server::run(cli) {
+    let settings = match cli.settings() {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    };
+    init_logging(&settings);
+    if let Err(e) = taskcluster_proxy::server::run(cli, settings) {
         eprintln!("{e}");
         std::process::exit(1);
     }
 }
 
-/// `RUST_LOG` when set; otherwise everything reaches the logger and the level is a global
-/// maximum (info until the configuration file's `log_level` is read). Access lines are
-/// printed bare, so JSON access logs stay one JSON object per line.
-fn init_logging() {
+/// `RUST_LOG` when set (full `env_logger` filter syntax); otherwise the configured level,
+/// with access lines kept at info unless the access log is off, so turning the level down
+/// does not silence it. Access lines are printed bare: JSON access logs stay one object per
+/// line.
+fn init_logging(settings: &Settings) {
     use std::io::Write;
     let mut builder = if std::env::var_os("RUST_LOG").is_some() {
         env_logger::Builder::from_env(env_logger::Env::default())
     } else {
         let mut b = env_logger::Builder::new();
-        b.filter_level(log::LevelFilter::Trace);
+        b.filter_level(
+            settings
+                .log_level
+                .map_or(log::LevelFilter::Info, |l| l.filter()),
+        );
+        if settings.access_log != accesslog::Format::Off {
+            b.filter_module(accesslog::TARGET, log::LevelFilter::Info);
+        }
         b
     };
     builder.format(|buf, record| {
-        if record.target() == taskcluster_proxy::accesslog::TARGET {
+        if record.target() == accesslog::TARGET {
             writeln!(buf, "{}", record.args())
         } else {
             let ts = buf.timestamp_seconds();
@@ -45,7 +61,4 @@ fn init_logging() {
         }
     });
     builder.init();
-    if std::env::var_os("RUST_LOG").is_none() {
-        log::set_max_level(log::LevelFilter::Info);
-    }
 }

@@ -365,7 +365,13 @@ pub struct MetricsApp {
 impl ServeHttp for MetricsApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
+        let method = &session.req_header().method;
         let (status, content_type, body) = match path.as_str() {
+            _ if method != http::Method::GET && method != http::Method::HEAD => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "text/plain",
+                "only GET and HEAD\n".to_string(),
+            ),
             "/metrics" => (
                 StatusCode::OK,
                 "text/plain; version=0.0.4",

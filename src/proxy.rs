@@ -471,7 +471,7 @@ impl ProxyHttp for TaskclusterProxy {
         let path = String::from_utf8_lossy(req.raw_path());
         let upstream = ctx
             .origin(&self.root_url)
-            .map(Origin::authority)
+            .map(Origin::host_port)
             .unwrap_or_default();
         let client = session
             .client_addr()

@@ -96,13 +96,10 @@ fn state_path(cli: &Cli, settings: &Settings, conf: &ServerConf) -> Option<PathB
     })
 }
 
-/// Validates everything, then serves until told to stop. Returns only on a start-up error.
-pub fn run(cli: Cli) -> Result<(), StartError> {
-    let settings = cli.settings()?;
-    if let Some(level) = settings.log_level {
-        if std::env::var_os("RUST_LOG").is_none() {
-            log::set_max_level(level.filter());
-        }
+/// Serves with validated settings until told to stop. Returns only on a start-up error.
+pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
+    for warning in &settings.warnings {
+        log::warn!("{warning}");
     }
     let conf = server_conf(&cli, &settings)?;
     let ca = match &settings.ca_file {

@@ -57,6 +57,11 @@ impl Origin {
         }
     }
 
+    /// `host:port` with the port always present (for logs).
+    pub fn host_port(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
     /// Host without IPv6 brackets, for DNS and TLS SNI.
     pub fn bare_host(&self) -> &str {
         self.host
