@@ -366,8 +366,9 @@ impl ServeHttp for MetricsApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
         let method = &session.req_header().method;
+        let known = matches!(path.as_str(), "/metrics" | "/healthz" | "/readyz");
         let (status, content_type, body) = match path.as_str() {
-            _ if method != http::Method::GET && method != http::Method::HEAD => (
+            _ if known && method != http::Method::GET && method != http::Method::HEAD => (
                 StatusCode::METHOD_NOT_ALLOWED,
                 "text/plain",
                 "only GET and HEAD\n".to_string(),
