@@ -153,7 +153,12 @@ class Bench:
         big = self.dir / "big.bin"
         with open(big, "wb") as f:
             f.truncate(GIB)
-        (self.sink / "tmp").mkdir()
+        # nginx workers run as an unprivileged user: let them read the file and write the sink.
+        os.chmod(self.dir, 0o755)
+        os.chmod(big, 0o644)
+        os.chmod(self.sink, 0o777)
+        (self.sink / "tmp").mkdir(mode=0o777)
+        os.chmod(self.sink / "tmp", 0o777)
         self.upstream_port = free_port()
         self.nginx("upstream", UPSTREAM.format(port=self.upstream_port, dir=self.dir, sink=self.sink), LOAD_CPU)
         wait_port(self.upstream_port)
@@ -251,6 +256,8 @@ taskcluster_proxy:
             cmd += ["-T", str(self.dir / "big.bin")]
         out = subprocess.run(cmd + [url], capture_output=True, text=True, check=True).stdout.split()
         code, secs = int(out[0]), float(out[1])
+        if code >= 300:
+            raise RuntimeError(f"{url}: HTTP {code}")
         for f in self.sink.rglob("upload"):
             f.unlink()
         return {"status": code, "seconds": secs, "mib_per_s": 1024 / secs,

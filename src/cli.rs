@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 
 use crate::accesslog;
-use crate::config::{ConfError, Listener, LogLevel, ProxyConfig};
+use crate::config::{ConfError, Listener, LogLevel, ProxyConfig, RawCredentials};
 use crate::credentials::{Credentials, CredentialsError};
 use crate::proxy::Timeouts;
 use crate::resolver::ConnectTo;
@@ -204,7 +204,22 @@ impl Cli {
             .ok_or(ConfigError::MissingRootUrl)?;
         let root_url = RootUrl::parse(&root_text)
             .map_err(|e| ConfigError::InvalidRootUrl(root_text.clone(), e))?;
-        let from_file = &file.credentials;
+        // Credentials are one unit: flags and environment (combined per field, as in the Go
+        // proxy) when any of them is set, else the configuration file. Mixing a token from the
+        // environment with a certificate from the file would sign with a mismatched set.
+        let none = None;
+        let from_cli = [
+            (&self.client_id, "TASKCLUSTER_CLIENT_ID"),
+            (&self.access_token, "TASKCLUSTER_ACCESS_TOKEN"),
+            (&self.certificate, "TASKCLUSTER_CERTIFICATE"),
+        ]
+        .iter()
+        .any(|(flag, var)| first_set(flag, var, &none).is_some());
+        let from_file = if from_cli {
+            RawCredentials::default()
+        } else {
+            file.credentials.clone()
+        };
         let client_id = first_set(
             &self.client_id,
             "TASKCLUSTER_CLIENT_ID",

@@ -136,6 +136,9 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
         scopes.get_or_insert_with(Vec::new).extend(task_scopes);
     }
 
+    if !cli.upgrade {
+        ensure_listeners_free(&settings.listen)?;
+    }
     let state = state_path(&cli, &settings, &conf).map(|p| Arc::new(StateFile::new(p)));
     let credentials = Arc::new(initial_credentials(
         &cli,
@@ -173,9 +176,10 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
                 }
                 service.add_tcp_with_settings(&addr.to_string(), options);
             }
+            // Owner-only unless configured: the socket signs requests with our credentials.
             Listener::Unix(path, mode) => service.add_uds(
                 &path.to_string_lossy(),
-                mode.map(std::fs::Permissions::from_mode),
+                Some(std::fs::Permissions::from_mode(mode.unwrap_or(0o600))),
             ),
         }
         log::info!("listening on {listener}");
@@ -208,6 +212,30 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
         ));
     }
     server.run_forever()
+}
+
+/// Fails fast when a listen address is taken, typically by a running instance: without this
+/// a second start would wait in Pingora's bind retries and, meanwhile, record its configured
+/// credentials as the state the running instance adopts. Upgrades use `-u` instead.
+fn ensure_listeners_free(listeners: &[Listener]) -> Result<(), StartError> {
+    for listener in listeners {
+        let taken = match listener {
+            Listener::Tcp(addr) => std::net::TcpListener::bind(addr)
+                .err()
+                .filter(|e| e.kind() == std::io::ErrorKind::AddrInUse)
+                .map(|e| e.to_string()),
+            Listener::Unix(path, _) => std::os::unix::net::UnixStream::connect(path)
+                .ok()
+                .map(|_| "a process is accepting connections on it".to_string()),
+        };
+        if let Some(why) = taken {
+            return Err(StartError::Server(format!(
+                "cannot listen on {listener}: {why}; is another taskcluster-proxy running? \
+                 To replace it without downtime, start this one with -u and send SIGQUIT to the old one"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The credentials to start with: when taking over from a running process, the state it

@@ -110,6 +110,8 @@ pub struct Conn {
     rpos: usize,
     rend: usize,
     closed: bool,
+    /// Bytes read from the stream so far (see [`Conn::bytes_received`]).
+    received: u64,
 }
 
 impl Conn {
@@ -161,7 +163,22 @@ impl Conn {
             rpos: 0,
             rend: 0,
             closed: false,
+            received: 0,
         }
+    }
+
+    /// Plain HTTP over a Unix domain socket (`Host: localhost`), with the default timeouts.
+    pub fn connect_unix(path: &std::path::Path) -> io::Result<Conn> {
+        let s = std::os::unix::net::UnixStream::connect(path)?;
+        s.set_read_timeout(Some(DEFAULT_READ_TIMEOUT))?;
+        s.set_write_timeout(Some(DEFAULT_READ_TIMEOUT))?;
+        Ok(Conn::from_stream(Box::new(s), "localhost".to_string()))
+    }
+
+    /// Total bytes read from the server on this connection so far: unchanged across a failed
+    /// request means no byte of a response arrived.
+    pub fn bytes_received(&self) -> u64 {
+        self.received
     }
 
     /// Whether the server closed (or asked to close) the connection.
@@ -373,6 +390,7 @@ impl Conn {
             }
         };
         self.rend += n;
+        self.received += n as u64;
         Ok(n)
     }
 

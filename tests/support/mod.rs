@@ -6,6 +6,7 @@ pub mod client;
 pub mod creds;
 pub mod fake_tc;
 pub mod pattern;
+pub mod process;
 pub mod proxy;
 pub mod verify;
 

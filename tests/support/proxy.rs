@@ -23,7 +23,8 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn base_command(args: &[String], envs: &[(&str, &str)]) -> Command {
+/// The proxy binary with `args` and `envs` (inherited TASKCLUSTER_* variables removed), stdin null.
+pub fn base_command(args: &[String], envs: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(bin());
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("TASKCLUSTER_") {

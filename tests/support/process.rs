@@ -1,0 +1,409 @@
+//! Running the proxy from a configuration file: processes that pick their own listeners (no
+//! `-p/-i` added), signals, exit waits, daemons known only by their pid file, and per-test
+//! directories holding the YAML file, pid file, upgrade socket and state file.
+
+use super::proxy::{base_command, bin};
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus};
+use std::time::{Duration, Instant};
+
+/// A proxy process started with exactly the given arguments; SIGKILLed on drop if still running.
+pub struct Proc {
+    child: Child,
+    exit: Option<ExitStatus>,
+    stdout: tempfile::NamedTempFile,
+    stderr: tempfile::NamedTempFile,
+    args: Vec<String>,
+}
+
+impl Proc {
+    /// Start the binary with `args` (nothing added) and `envs` (inherited TASKCLUSTER_*
+    /// variables removed). Does not wait for anything.
+    pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Proc {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let stdout = tempfile::NamedTempFile::new().unwrap();
+        let stderr = tempfile::NamedTempFile::new().unwrap();
+        let mut cmd = base_command(&args, envs);
+        cmd.stdout(stdout.reopen().unwrap());
+        cmd.stderr(stderr.reopen().unwrap());
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin()));
+        Proc {
+            child,
+            exit: None,
+            stdout,
+            stderr,
+            args,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn args(&self) -> &[String] {
+        &self.args
+    }
+
+    /// Exit status if the process has exited (reaps it).
+    pub fn try_exit(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                self.exit = Some(st);
+            }
+        }
+        self.exit
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.try_exit().is_none()
+    }
+
+    /// Wait up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.try_exit() {
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Send `sig` (e.g. `libc::SIGTERM`) — only while the child has not been reaped, so the pid
+    /// cannot belong to anybody else.
+    pub fn signal(&mut self, sig: i32) {
+        assert!(
+            self.is_running(),
+            "cannot signal {:?}: it already exited with {:?}\n--- stderr ---\n{}",
+            self.args,
+            self.exit,
+            self.stderr_text()
+        );
+        // SAFETY: kill(2) on our own, not yet reaped child.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(rc, 0, "kill({}, {sig}) failed", self.pid());
+    }
+
+    /// Wait until `addr` accepts TCP connections; fails early if the process exits.
+    pub fn wait_tcp(&mut self, addr: SocketAddr, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.try_exit() {
+                return Err(format!(
+                    "{:?} exited with {st} before listening on {addr}\n--- stderr ---\n{}",
+                    self.args,
+                    self.stderr_text()
+                ));
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{:?} not listening on {addr} after {timeout:?}\n--- stderr ---\n{}",
+                    self.args,
+                    self.stderr_text()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Like [`wait_tcp`](Self::wait_tcp), panicking with the stderr on failure.
+    #[track_caller]
+    pub fn expect_tcp(&mut self, addr: SocketAddr) {
+        if let Err(e) = self.wait_tcp(addr, Duration::from_secs(20)) {
+            panic!("{e}");
+        }
+    }
+
+    /// Wait until `path` exists; fails early if the process exits.
+    pub fn wait_path(&mut self, path: &Path, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if path.exists() {
+                return Ok(());
+            }
+            if let Some(st) = self.try_exit() {
+                return Err(format!(
+                    "{:?} exited with {st} before {} appeared\n--- stderr ---\n{}",
+                    self.args,
+                    path.display(),
+                    self.stderr_text()
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{} did not appear within {timeout:?} ({:?})\n--- stderr ---\n{}",
+                    path.display(),
+                    self.args,
+                    self.stderr_text()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn stderr_text(&self) -> String {
+        read_lossy(self.stderr.path())
+    }
+
+    pub fn stdout_text(&self) -> String {
+        read_lossy(self.stdout.path())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.is_running() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- proxy {:?} (pid {}, exit {:?}) stderr (test failed) ---\n{}",
+                self.args,
+                self.pid(),
+                self.exit,
+                tail(&self.stderr_text(), 6000)
+            );
+        }
+    }
+}
+
+/// A daemonized proxy, known by the pid in its pid file. SIGKILLed on drop if still alive and
+/// still our binary running with `marker` (the config path) on its command line.
+pub struct Daemon {
+    pub pid: i32,
+    marker: String,
+    error_log: Option<PathBuf>,
+}
+
+impl Daemon {
+    /// Read the pid from `pid_file` once it holds a live process whose command line contains
+    /// `marker`; waits up to `timeout`.
+    pub fn from_pid_file(
+        pid_file: &Path,
+        marker: &str,
+        error_log: Option<PathBuf>,
+        timeout: Duration,
+    ) -> Result<Daemon, String> {
+        let deadline = Instant::now() + timeout;
+        let mut last = String::new();
+        loop {
+            if let Ok(text) = std::fs::read_to_string(pid_file) {
+                last = text.clone();
+                if let Ok(pid) = text.trim().parse::<i32>() {
+                    if pid > 0 && is_alive(pid) && cmdline(pid).contains(marker) {
+                        return Ok(Daemon {
+                            pid,
+                            marker: marker.to_string(),
+                            error_log,
+                        });
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "no live daemon in {} after {timeout:?} (content {last:?})",
+                    pid_file.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_alive(&self) -> bool {
+        is_alive(self.pid) && cmdline(self.pid).contains(&self.marker)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        assert!(self.is_alive(), "daemon {} is gone", self.pid);
+        // SAFETY: kill(2) on a process verified to be our daemon just above.
+        unsafe { libc::kill(self.pid, sig) };
+    }
+
+    /// Wait until the process is gone (or a zombie).
+    pub fn wait_gone(&self, timeout: Duration) -> bool {
+        super::wait_until(timeout, || !is_alive(self.pid))
+    }
+
+    pub fn error_log_text(&self) -> String {
+        self.error_log
+            .as_deref()
+            .map(read_lossy)
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.is_alive() {
+            // SAFETY: the pid is alive and runs our binary with our config (checked above).
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            self.wait_gone(Duration::from_secs(5));
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- daemon {} error log (test failed) ---\n{}",
+                self.pid,
+                tail(&self.error_log_text(), 6000)
+            );
+        }
+    }
+}
+
+/// Whether `pid` exists and is not a zombie.
+pub fn is_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            // state is the field after the parenthesised command name
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .unwrap_or("");
+            state != "Z" && state != "X"
+        }
+        Err(_) => false,
+    }
+}
+
+/// The NUL-separated command line of `pid`, joined with spaces ("" if unreadable).
+pub fn cmdline(pid: i32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|c| *c == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
+/// A per-test directory for the configuration file and the files the server creates.
+pub struct TestDir {
+    pub dir: tempfile::TempDir,
+}
+
+impl Default for TestDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TestDir {
+    pub fn new() -> TestDir {
+        TestDir {
+            dir: tempfile::Builder::new()
+                .prefix("tc-proxy-test-")
+                .tempdir()
+                .unwrap(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `path(name)` as a string (for YAML and arguments).
+    pub fn p(&self, name: &str) -> String {
+        self.path(name).to_string_lossy().into_owned()
+    }
+
+    pub fn pid_file(&self) -> PathBuf {
+        self.path("proxy.pid")
+    }
+
+    pub fn upgrade_sock(&self) -> PathBuf {
+        self.path("upgrade.sock")
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.path("state.json")
+    }
+
+    pub fn error_log(&self) -> PathBuf {
+        self.path("error.log")
+    }
+
+    /// Pingora's top-level keys with every file inside this directory:
+    /// `version`, `threads: 2`, `pid_file`, `upgrade_sock`, `grace_period_seconds: grace`,
+    /// `graceful_shutdown_timeout_seconds: 1`.
+    pub fn server_keys(&self, grace: u64) -> String {
+        format!(
+            "version: 1\nthreads: 2\npid_file: {}\nupgrade_sock: {}\ngrace_period_seconds: {grace}\ngraceful_shutdown_timeout_seconds: 1\n",
+            self.pid_file().display(),
+            self.upgrade_sock().display()
+        )
+    }
+
+    /// Write `name` with `text`, returning its path as a string.
+    pub fn write(&self, name: &str, text: &str) -> String {
+        let p = self.path(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_string_lossy().into_owned()
+    }
+
+    /// Write `name` with `text` and permission bits `mode`.
+    pub fn write_mode(&self, name: &str, text: &str, mode: u32) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let p = self.write(name, text);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        p
+    }
+}
+
+/// A YAML double-quoted scalar for `s` (JSON strings are valid YAML double-quoted scalars).
+pub fn yq(s: &str) -> String {
+    serde_json::to_string(s).unwrap()
+}
+
+/// Permission bits of `path` (`mode & 0o7777`).
+pub fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// `127.0.0.1:<free port>`.
+pub fn free_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], super::proxy::free_port()))
+}
+
+/// Whether a TCP connection to `addr` is refused outright.
+pub fn connection_refused(addr: SocketAddr) -> bool {
+    matches!(
+        TcpStream::connect_timeout(&addr, Duration::from_millis(500)),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
+
+pub fn tail(s: &str, n: usize) -> &str {
+    if s.len() <= n {
+        s
+    } else {
+        let mut i = s.len() - n;
+        while !s.is_char_boundary(i) {
+            i += 1;
+        }
+        &s[i..]
+    }
+}
+
+fn read_lossy(p: &Path) -> String {
+    let mut s = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(p) {
+        let _ = f.read_to_end(&mut s);
+    }
+    String::from_utf8_lossy(&s).into_owned()
+}
