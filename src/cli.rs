@@ -8,8 +8,11 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 
 use crate::accesslog;
-use crate::config::{ConfError, Listener, LogLevel, ProxyConfig, RawCredentials};
+use crate::config::{
+    ConfError, CredentialsEndpoint, Listener, LogLevel, ProxyConfig, RawCredentials,
+};
 use crate::credentials::{Credentials, CredentialsError};
+use crate::limits::{DownstreamTimeouts, Limits, RetryPolicy};
 use crate::proxy::Timeouts;
 use crate::resolver::ConnectTo;
 use crate::url::{RootUrl, UrlError};
@@ -109,6 +112,12 @@ pub struct Settings {
     pub log_level: Option<LogLevel>,
     pub access_log: accesslog::Format,
     pub metrics_address: Option<SocketAddr>,
+    pub downstream_timeouts: DownstreamTimeouts,
+    pub limits: Limits,
+    pub retries: RetryPolicy,
+    pub credentials_endpoint: CredentialsEndpoint,
+    pub admin_listen: Vec<Listener>,
+    pub hostname_allowlist: Option<Vec<String>>,
     /// Problems worth a warning once logging is set up.
     pub warnings: Vec<String>,
 }
@@ -294,6 +303,12 @@ impl Cli {
             log_level: file.log_level,
             access_log: self.access_log.or(file.access_log).unwrap_or_default(),
             metrics_address: self.metrics_address.or(file.metrics_address),
+            downstream_timeouts: file.downstream_timeouts,
+            limits: file.limits,
+            retries: file.retries,
+            credentials_endpoint: file.credentials_endpoint,
+            admin_listen: file.admin_listen,
+            hostname_allowlist: file.hostname_allowlist,
             warnings,
         })
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::limits::{DownstreamTimeouts, Limits, RetryPolicy};
 use crate::proxy::Timeouts;
 
 /// The name of our section in the file.
@@ -63,6 +64,29 @@ struct Section {
     metrics_address: Option<String>,
     #[serde(default)]
     upstream_timeouts: TimeoutsEntry,
+    #[serde(default)]
+    downstream_timeouts: DownstreamTimeouts,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    retries: RetryPolicy,
+    #[serde(default)]
+    credentials_endpoint: CredentialsEndpoint,
+    #[serde(default)]
+    admin_listen: Vec<ListenEntry>,
+    hostname_allowlist: Option<Vec<String>>,
+}
+
+/// Where `PUT /credentials` is accepted.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum CredentialsEndpoint {
+    /// On the task-facing listeners, like the Go proxy.
+    #[default]
+    TaskPort,
+    /// Only on the `admin_listen` listeners, so a task cannot replace the credentials its own
+    /// requests are signed with.
+    Admin,
 }
 
 #[derive(Deserialize, Debug)]
@@ -156,6 +180,12 @@ pub struct ProxyConfig {
     pub access_log: Option<crate::accesslog::Format>,
     pub metrics_address: Option<SocketAddr>,
     pub timeouts: Timeouts,
+    pub downstream_timeouts: DownstreamTimeouts,
+    pub limits: Limits,
+    pub retries: RetryPolicy,
+    pub credentials_endpoint: CredentialsEndpoint,
+    pub admin_listen: Vec<Listener>,
+    pub hostname_allowlist: Option<Vec<String>>,
 }
 
 impl ProxyConfig {
@@ -177,6 +207,23 @@ impl ProxyConfig {
         for (i, entry) in section.listen.into_iter().enumerate() {
             listen
                 .push(listener(entry).map_err(|e| invalid(format!("{SECTION}.listen[{i}]: {e}")))?);
+        }
+        let mut admin_listen = Vec::new();
+        for (i, entry) in section.admin_listen.into_iter().enumerate() {
+            admin_listen.push(
+                listener(entry)
+                    .map_err(|e| invalid(format!("{SECTION}.admin_listen[{i}]: {e}")))?,
+            );
+        }
+        if section.credentials_endpoint == CredentialsEndpoint::Admin && admin_listen.is_empty() {
+            return Err(invalid(format!(
+                "{SECTION}.credentials_endpoint: admin needs at least one admin_listen entry"
+            )));
+        }
+        if section.retries.max_attempts == 0 {
+            return Err(invalid(format!(
+                "{SECTION}.retries.max_attempts: must be at least 1"
+            )));
         }
         let credentials = match (section.credentials, section.credentials_file) {
             (Some(_), Some(_)) => {
@@ -224,6 +271,12 @@ impl ProxyConfig {
                 })
                 .transpose()?,
             timeouts,
+            downstream_timeouts: section.downstream_timeouts,
+            limits: section.limits,
+            retries: section.retries,
+            credentials_endpoint: section.credentials_endpoint,
+            admin_listen,
+            hostname_allowlist: section.hostname_allowlist,
         })
     }
 }

@@ -414,7 +414,26 @@ impl CredentialStore {
     }
 }
 
+/// Warn this long before a temporary certificate expires.
+const EXPIRY_WARNING_MS: f64 = 10.0 * 60.0 * 1000.0;
+
 fn warn_if_oversized(identity: &Identity) {
+    if let Some(expiry) = identity.certificate_expiry_ms() {
+        let now_ms = signing::unix_now() as f64 * 1000.0;
+        if expiry <= now_ms {
+            log::error!(
+                "the temporary certificate of clientId {} has expired: every request will fail \
+                 with 401 until credentials are rotated (PUT /credentials)",
+                identity.client_id()
+            );
+        } else if expiry - now_ms < EXPIRY_WARNING_MS {
+            log::warn!(
+                "the temporary certificate of clientId {} expires in {:.0} s",
+                identity.client_id(),
+                (expiry - now_ms) / 1000.0
+            );
+        }
+    }
     let len = identity.max_header_len();
     if len > SERVER_HEADER_LIMIT {
         log::error!(

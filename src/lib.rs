@@ -7,14 +7,18 @@
 //! hold the Pingora wiring.
 
 pub mod accesslog;
+pub mod admission;
 pub mod cli;
 pub mod config;
 pub mod credentials;
 pub mod endpoints;
+pub mod limits;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
 pub mod resolver;
 pub mod routing;
+pub mod scopes;
 pub mod server;
 pub mod signing;
 pub mod state;

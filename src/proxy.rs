@@ -16,8 +16,10 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::accesslog;
+use crate::config::CredentialsEndpoint;
 use crate::credentials::{CredentialStore, Credentials, Identity};
 use crate::endpoints::{self, MAX_BODY};
+use crate::limits::{DownstreamTimeouts, Limits, RateLimiter, RetryPolicy};
 use crate::metrics::{ConnectionGuard, Form, Labels, METRICS};
 use crate::resolver::Resolver;
 use crate::routing::{self, Dispatch, Route};
@@ -88,8 +90,24 @@ pub struct TaskclusterProxy {
     /// Where rotations are recorded for a process taking over in an upgrade.
     pub state: Option<Arc<StateFile>>,
     /// Serialises `PUT /credentials` so the recorded and the in-memory order agree.
-    pub rotation: tokio::sync::Mutex<()>,
+    pub rotation: Arc<tokio::sync::Mutex<()>>,
     pub access_log: accesslog::Format,
+    pub limits: Limits,
+    pub retries: RetryPolicy,
+    pub downstream: DownstreamTimeouts,
+    pub rate: Option<RateLimiter>,
+    /// Task-facing or admin listener.
+    pub role: Role,
+    pub credentials_endpoint: CredentialsEndpoint,
+}
+
+/// Which listeners a proxy service instance serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Task-facing: proxying, `/bewit`, and `/credentials` unless restricted to admin.
+    Task,
+    /// Admin listener: only `PUT /credentials`.
+    Admin,
 }
 
 /// Per-request state.
@@ -124,6 +142,67 @@ fn add_identity_headers(resp: &mut ResponseHeader, identity: &Identity) -> Resul
 }
 
 impl TaskclusterProxy {
+    /// The limit a request breaks, if any: status, the counter to bump, and the message.
+    fn over_limit(
+        &self,
+        session: &Session,
+        new_connection: bool,
+    ) -> Option<(u16, &'static prometheus::IntCounter, String)> {
+        let limits = &self.limits;
+        if new_connection && METRICS.downstream_connections.get() > limits.max_connections {
+            return Some((
+                503,
+                &METRICS.rejected_too_many_connections,
+                format!(
+                    "taskcluster-proxy: too many connections (limit {})",
+                    limits.max_connections
+                ),
+            ));
+        }
+        let req = session.req_header();
+        if req.raw_path().len() > limits.max_path_bytes {
+            return Some((
+                414,
+                &METRICS.rejected_path_too_long,
+                format!(
+                    "taskcluster-proxy: request-target longer than {} bytes",
+                    limits.max_path_bytes
+                ),
+            ));
+        }
+        let header_bytes: usize = req
+            .headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum();
+        if header_bytes > limits.max_header_bytes {
+            return Some((
+                431,
+                &METRICS.rejected_header_too_large,
+                format!(
+                    "taskcluster-proxy: request headers larger than {} bytes",
+                    limits.max_header_bytes
+                ),
+            ));
+        }
+        if let (Some(rate), Some(ip)) = (
+            &self.rate,
+            session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
+        ) {
+            if !rate.allow(ip, Instant::now()) {
+                return Some((
+                    429,
+                    &METRICS.rejected_rate_limited,
+                    "taskcluster-proxy: too many requests from this client".to_string(),
+                ));
+            }
+        }
+        None
+    }
+
     /// Writes a complete locally generated response.
     async fn respond(
         &self,
@@ -323,11 +402,30 @@ impl ProxyHttp for TaskclusterProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
-        if ctx.connection.is_none() {
+        session.set_read_timeout(Some(Duration::from_secs(self.downstream.read_seconds)));
+        session.set_keepalive(Some(self.downstream.keepalive_seconds));
+        let new_connection = ctx.connection.is_none();
+        if new_connection {
             ctx.connection = Some(ConnectionGuard::new());
         }
         METRICS.in_flight.inc();
         ctx.in_flight = true;
+        if let Some((status, counter, msg)) = self.over_limit(session, new_connection) {
+            counter.inc();
+            let identity = self.credentials.current();
+            let extra: &[(&'static str, HeaderValue)] = if status == 429 {
+                &[("Retry-After", HeaderValue::from_static("1"))]
+            } else {
+                &[]
+            };
+            if status == 503 || status == 431 || status == 414 {
+                session.set_keepalive(None);
+            }
+            self.respond(session, &identity, status, extra, msg.into())
+                .await?;
+            ctx.identity = Some(identity);
+            return Ok(true);
+        }
         let dispatch = routing::dispatch(&self.root_url.base_path, session.req_header().raw_path());
         let identity = self.credentials.current();
         let method = session.req_header().method.as_str();
@@ -338,22 +436,29 @@ impl ProxyHttp for TaskclusterProxy {
             Err(_) => Labels::new(Form::Invalid, None, method),
         };
         match dispatch {
+            Ok(Dispatch::Credentials)
+                if self.role == Role::Task
+                    && self.credentials_endpoint == CredentialsEndpoint::Admin =>
+            {
+                METRICS.rejected_forbidden.inc();
+                let msg = "credentials: rotation is only accepted on the admin listener";
+                self.respond(session, &identity, 403, &[], msg.into())
+                    .await?
+            }
+            Ok(Dispatch::Credentials) => self.handle_credentials(session, &identity).await?,
+            _ if self.role == Role::Admin => {
+                let msg = "admin listener: only PUT /credentials is served here";
+                self.respond(session, &identity, 404, &[], msg.into())
+                    .await?
+            }
             Ok(Dispatch::Proxy(route)) => {
-                if route.host.is_some() {
-                    log::info!(
-                        "hostname-form request to {}",
-                        route
-                            .host
-                            .as_ref()
-                            .map(|h| h.host.as_str())
-                            .unwrap_or_default()
-                    );
+                if let Some(host) = &route.host {
+                    log::info!("hostname-form request to {}", host.host);
                 }
                 ctx.route = Some(route);
                 return Ok(false);
             }
             Ok(Dispatch::Bewit) => self.handle_bewit(session, &identity).await?,
-            Ok(Dispatch::Credentials) => self.handle_credentials(session, &identity).await?,
             Err(e) => {
                 self.respond(session, &identity, 404, &[], e.to_string().into())
                     .await?
@@ -371,6 +476,10 @@ impl ProxyHttp for TaskclusterProxy {
         ctx.attempts += 1;
         if ctx.attempts > 1 {
             METRICS.retries.inc();
+            let jitter = rand::random::<f64>();
+            let budget = Duration::from_secs_f64(self.retries.max_seconds)
+                .saturating_sub(ctx.start.elapsed());
+            tokio::time::sleep(self.retries.backoff(ctx.attempts, jitter).min(budget)).await;
         }
         let origin = ctx
             .origin(&self.root_url)
@@ -517,6 +626,43 @@ impl ProxyHttp for TaskclusterProxy {
             }
         }
         Ok(())
+    }
+
+    /// Nothing reached the upstream yet: any method may be retried (re-signed by
+    /// `upstream_request_filter`), within the attempt and time budget.
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Self::CTX,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let retry = self.retries.may_retry(ctx.attempts, ctx.start.elapsed());
+        e.set_retry(retry);
+        e
+    }
+
+    /// After sending: only idempotent requests whose body fitted the replay buffer, on a
+    /// reused connection (the pooled connection may have been closed by the upstream),
+    /// within the budget.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Self::CTX,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if !session.req_header().method.is_idempotent()
+            || session.as_ref().retry_buffer_truncated()
+            || !self.retries.may_retry(ctx.attempts, ctx.start.elapsed())
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
     }
 
     /// Pingora's error logs name the request; bewits in queries are credentials, so redact them.

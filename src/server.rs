@@ -16,8 +16,9 @@ use pingora_proxy::http_proxy_service;
 use crate::cli::{Cli, ConfigError, Settings};
 use crate::config::Listener;
 use crate::credentials::{CredentialStore, Identity};
+use crate::limits::RateLimiter;
 use crate::metrics::MetricsApp;
-use crate::proxy::{TaskclusterProxy, Upstreams};
+use crate::proxy::{Role, TaskclusterProxy, Upstreams};
 use crate::resolver::{Resolver, DEFAULT_TTL};
 use crate::state::{StateFile, StateWatcher};
 use crate::task::fetch_task_scopes;
@@ -138,6 +139,7 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
 
     if !cli.upgrade {
         ensure_listeners_free(&settings.listen)?;
+        ensure_listeners_free(&settings.admin_listen)?;
     }
     let state = state_path(&cli, &settings, &conf).map(|p| Arc::new(StateFile::new(p)));
     let credentials = Arc::new(initial_credentials(
@@ -157,32 +159,27 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let proxy = TaskclusterProxy {
+    let rotation = Arc::new(tokio::sync::Mutex::new(()));
+    let make_proxy = |role| TaskclusterProxy {
         root_url: settings.root_url.clone(),
         credentials: credentials.clone(),
-        upstreams,
+        upstreams: upstreams.clone(),
         state: state.clone(),
-        rotation: Default::default(),
+        rotation: rotation.clone(),
         access_log: settings.access_log,
+        limits: settings.limits,
+        retries: settings.retries,
+        downstream: settings.downstream_timeouts,
+        rate: RateLimiter::new(settings.limits.requests_per_second_per_client),
+        role,
+        credentials_endpoint: settings.credentials_endpoint,
     };
-    let mut service = http_proxy_service(&server.configuration, proxy);
-    for listener in &settings.listen {
-        match listener {
-            Listener::Tcp(addr) => {
-                let mut options = TcpSocketOptions::default();
-                if addr.is_ipv6() && addr.ip().is_unspecified() {
-                    // `[::]` serves IPv4 too, like Go's ":port".
-                    options.ipv6_only = Some(false);
-                }
-                service.add_tcp_with_settings(&addr.to_string(), options);
-            }
-            // Owner-only unless configured: the socket signs requests with our credentials.
-            Listener::Unix(path, mode) => service.add_uds(
-                &path.to_string_lossy(),
-                Some(std::fs::Permissions::from_mode(mode.unwrap_or(0o600))),
-            ),
-        }
-        log::info!("listening on {listener}");
+    let mut service = http_proxy_service(&server.configuration, make_proxy(Role::Task));
+    add_listeners(&mut service, &settings.listen, "tasks");
+    if !settings.admin_listen.is_empty() {
+        let mut admin = http_proxy_service(&server.configuration, make_proxy(Role::Admin));
+        add_listeners(&mut admin, &settings.admin_listen, "PUT /credentials");
+        server.add_service(admin);
     }
     log::info!(
         "taskcluster-proxy {} serving {}",
@@ -212,6 +209,27 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
         ));
     }
     server.run_forever()
+}
+
+fn add_listeners<A>(service: &mut Service<A>, listeners: &[Listener], purpose: &str) {
+    for listener in listeners {
+        match listener {
+            Listener::Tcp(addr) => {
+                let mut options = TcpSocketOptions::default();
+                if addr.is_ipv6() && addr.ip().is_unspecified() {
+                    // `[::]` serves IPv4 too, like Go's ":port".
+                    options.ipv6_only = Some(false);
+                }
+                service.add_tcp_with_settings(&addr.to_string(), options);
+            }
+            // Owner-only unless configured: the socket signs requests with our credentials.
+            Listener::Unix(path, mode) => service.add_uds(
+                &path.to_string_lossy(),
+                Some(std::fs::Permissions::from_mode(mode.unwrap_or(0o600))),
+            ),
+        }
+        log::info!("listening on {listener} ({purpose})");
+    }
 }
 
 /// Fails fast when a listen address is taken, typically by a running instance: without this

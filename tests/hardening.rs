@@ -1,0 +1,341 @@
+//! Timeouts, retries, limits and the admin-only credentials endpoint, against the real binary.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::process::{yq, TestDir};
+use support::proxy::free_port;
+use support::{assert_auth_ok, fake, send, ProxyProcess, ACCESS_TOKEN, CLIENT2_ID, CLIENT_ID};
+
+/// A proxy configured by `section` (inside `taskcluster_proxy:`) with the default credentials.
+fn proxy_with(dir: &TestDir, root: &str, section: &str) -> ProxyProcess {
+    let conf = dir.write(
+        "proxy.yaml",
+        &format!(
+            "{}taskcluster_proxy:\n  root_url: {}\n  credentials:\n    client_id: {}\n    access_token: {}\n{section}",
+            dir.server_keys(1),
+            yq(root),
+            yq(CLIENT_ID),
+            yq(ACCESS_TOKEN)
+        ),
+    );
+    ProxyProcess::spawn(&["-c", &conf], &[])
+}
+
+/// Reads one request head (up to the blank line) from `s`.
+fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).unwrap_or(0) == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+#[test]
+fn hung_upstream_gives_504_within_the_read_timeout_and_proxy_keeps_serving() {
+    let tc = fake();
+    let dir = TestDir::new();
+    let proxy = proxy_with(
+        &dir,
+        &tc.root_url(),
+        "  upstream_timeouts:\n    read_seconds: 1\n",
+    );
+    let start = Instant::now();
+    let r = send(proxy.addr(), "GET", b"/queue/v1/__hang", &[], b"");
+    let took = start.elapsed();
+    eprintln!("hung upstream answered {} after {took:?}", r.status);
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    let ok = send(proxy.addr(), "GET", b"/queue/v1/after", &[], b"");
+    assert_eq!(ok.status, 200);
+    assert_auth_ok(&ok.json());
+}
+
+#[test]
+fn connect_failure_is_retried_and_succeeds_when_the_upstream_comes_up() {
+    let port = free_port();
+    let dir = TestDir::new();
+    let proxy = proxy_with(
+        &dir,
+        &format!("http://127.0.0.1:{port}"),
+        "  retries:\n    max_attempts: 6\n    initial_backoff_ms: 100\n    max_seconds: 10\n",
+    );
+    let addr = proxy.addr();
+    let client = thread::spawn(move || {
+        let start = Instant::now();
+        let r = send(addr, "POST", b"/queue/v1/task", &[], b"payload");
+        (r, start.elapsed())
+    });
+    // The upstream appears after the first attempts failed.
+    thread::sleep(Duration::from_millis(250));
+    let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    let head = read_head(&mut conn);
+    let mut body = [0u8; 7];
+    conn.read_exact(&mut body).unwrap();
+    conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        .unwrap();
+    let (r, took) = client.join().unwrap();
+    eprintln!("POST succeeded after {took:?} of retries");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.body, b"ok");
+    assert_eq!(&body, b"payload");
+    assert!(
+        head.to_ascii_lowercase().contains("authorization: hawk "),
+        "{head}"
+    );
+}
+
+#[test]
+fn connect_retries_stop_at_the_budget() {
+    let port = free_port();
+    let dir = TestDir::new();
+    let proxy = proxy_with(
+        &dir,
+        &format!("http://127.0.0.1:{port}"),
+        "  retries:\n    max_attempts: 3\n    initial_backoff_ms: 50\n",
+    );
+    let start = Instant::now();
+    let r = send(proxy.addr(), "GET", b"/queue/v1/x", &[], b"");
+    assert_eq!(r.status, 502);
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+/// An upstream that reads `keep` bytes of each request body, then drops the connection,
+/// counting connections.
+fn dropping_upstream(keep: usize) -> (u16, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            c.fetch_add(1, Ordering::SeqCst);
+            thread::spawn(move || {
+                read_head(&mut conn);
+                let mut left = keep;
+                let mut buf = vec![0u8; 64 * 1024];
+                while left > 0 {
+                    match conn.read(&mut buf[..left.min(64 * 1024)]) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => left -= n,
+                    }
+                }
+            });
+        }
+    });
+    (port, count)
+}
+
+#[test]
+fn large_post_is_never_replayed_after_a_mid_stream_failure() {
+    let (port, connections) = dropping_upstream(1024 * 1024);
+    let dir = TestDir::new();
+    let proxy = proxy_with(&dir, &format!("http://127.0.0.1:{port}"), "");
+    let mut s = TcpStream::connect(proxy.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let len = 100 * 1024 * 1024;
+    write!(
+        s,
+        "POST /queue/v1/upload HTTP/1.1\r\nHost: p\r\nContent-Length: {len}\r\n\r\n"
+    )
+    .unwrap();
+    let chunk = vec![7u8; 1024 * 1024];
+    for _ in 0..100 {
+        if s.write_all(&chunk).is_err() {
+            break;
+        }
+    }
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        1,
+        "the 100 MiB POST was sent upstream more than once"
+    );
+    let text = String::from_utf8_lossy(&answer);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 5"),
+        "unexpected answer {text:?}"
+    );
+    // The proxy is still serving.
+    assert_eq!(send(proxy.addr(), "GET", b"/-bad/x", &[], b"").status, 404);
+}
+
+#[test]
+fn client_disconnect_cancels_the_upstream_request_without_retry() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let dir = TestDir::new();
+    let proxy = proxy_with(&dir, &format!("http://127.0.0.1:{port}"), "");
+    let mut client = TcpStream::connect(proxy.addr()).unwrap();
+    client
+        .write_all(b"GET /queue/v1/slow HTTP/1.1\r\nHost: p\r\n\r\n")
+        .unwrap();
+    let (mut upstream, _) = listener.accept().unwrap();
+    read_head(&mut upstream);
+    drop(client);
+    upstream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = upstream.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "upstream connection should be closed");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    listener.set_nonblocking(true).unwrap();
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        listener.accept().is_err(),
+        "a retry started after the client left"
+    );
+}
+
+#[test]
+fn path_and_header_limits() {
+    let tc = fake();
+    let dir = TestDir::new();
+    let proxy = proxy_with(
+        &dir,
+        &tc.root_url(),
+        "  limits:\n    max_path_bytes: 100\n    max_header_bytes: 2000\n",
+    );
+    let long = format!("/queue/v1/{}", "a".repeat(200));
+    let r = send(proxy.addr(), "GET", long.as_bytes(), &[], b"");
+    assert_eq!(r.status, 414, "{}", r.text());
+    let big = "x".repeat(3000);
+    let r = send(proxy.addr(), "GET", b"/queue/v1/x", &[("X-Big", &big)], b"");
+    assert_eq!(r.status, 431, "{}", r.text());
+    assert_eq!(tc.requests_seen(), 0);
+    let r = send(proxy.addr(), "GET", b"/queue/v1/fine", &[], b"");
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn per_client_rate_limit() {
+    let tc = fake();
+    let dir = TestDir::new();
+    let proxy = proxy_with(
+        &dir,
+        &tc.root_url(),
+        "  limits:\n    requests_per_second_per_client: 5\n",
+    );
+    let statuses: Vec<u16> = (0..12)
+        .map(|_| send(proxy.addr(), "GET", b"/queue/v1/x", &[], b"").status)
+        .collect();
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(statuses[..5].iter().all(|s| *s == 200), "{statuses:?}");
+    thread::sleep(Duration::from_millis(1100));
+    assert_eq!(
+        send(proxy.addr(), "GET", b"/queue/v1/x", &[], b"").status,
+        200
+    );
+}
+
+#[test]
+fn connection_limit_answers_503() {
+    let tc = fake();
+    let dir = TestDir::new();
+    let proxy = proxy_with(&dir, &tc.root_url(), "  limits:\n    max_connections: 1\n");
+    // The first connection stays open (keep-alive) and counted.
+    let mut first = support::Conn::connect(proxy.addr()).unwrap();
+    assert_eq!(
+        first
+            .request("GET", b"/queue/v1/a", &[], b"")
+            .unwrap()
+            .status,
+        200
+    );
+    let r = send(proxy.addr(), "GET", b"/queue/v1/b", &[], b"");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(
+        first
+            .request("GET", b"/queue/v1/c", &[], b"")
+            .unwrap()
+            .status,
+        200
+    );
+    drop(first);
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        send(proxy.addr(), "GET", b"/queue/v1/d", &[], b"").status,
+        200
+    );
+}
+
+#[test]
+fn credentials_only_on_the_admin_listener_when_configured() {
+    let tc = fake();
+    let dir = TestDir::new();
+    let admin_port = free_port();
+    let proxy = proxy_with(
+        &dir,
+        &tc.root_url(),
+        &format!(
+            "  credentials_endpoint: admin\n  admin_listen:\n    - address: \"127.0.0.1:{admin_port}\"\n"
+        ),
+    );
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    let body = json!({"clientId": CLIENT2_ID, "accessToken": support::ACCESS_TOKEN2}).to_string();
+    let r = send(proxy.addr(), "PUT", b"/credentials", &[], body.as_bytes());
+    assert_eq!(r.status, 403, "{}", r.text());
+    let r = send(proxy.addr(), "GET", b"/queue/v1/x", &[], b"");
+    assert_eq!(r.json()["auth"]["clientId"], json!(CLIENT_ID));
+
+    let r = send(admin, "PUT", b"/credentials", &[], body.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = send(admin, "GET", b"/queue/v1/x", &[], b"");
+    assert_eq!(r.status, 404, "the admin listener proxies nothing");
+    let r = send(proxy.addr(), "GET", b"/queue/v1/x", &[], b"");
+    assert_eq!(r.json()["auth"]["clientId"], json!(CLIENT2_ID));
+}
+
+#[test]
+fn expiring_certificate_is_warned_about() {
+    let tc = fake();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let tmp = support::creds::make_temp_creds(
+        &support::default_client(),
+        None,
+        &["queue:*"],
+        now_ms - 60_000,
+        now_ms + 5 * 60_000,
+        &support::creds::random_seed(),
+    );
+    let root = tc.root_url();
+    let proxy = ProxyProcess::spawn(
+        &[
+            "--root-url",
+            &root,
+            "--client-id",
+            &tmp.client_id,
+            "--certificate",
+            &tmp.certificate,
+        ],
+        &[("TASKCLUSTER_ACCESS_TOKEN", &tmp.access_token)],
+    );
+    assert!(support::wait_until(Duration::from_secs(5), || proxy
+        .stderr_text()
+        .contains("expires in")));
+    assert!(!proxy.stderr_text().contains(&tmp.access_token));
+}
