@@ -220,6 +220,10 @@ impl ProxyConfig {
                 "{SECTION}.credentials_endpoint: admin needs at least one admin_listen entry"
             )));
         }
+        if let Some(patterns) = &section.hostname_allowlist {
+            crate::policy::HostAllowlist::new(patterns)
+                .map_err(|e| invalid(format!("{SECTION}.hostname_allowlist: {e}")))?;
+        }
         if section.retries.max_attempts == 0 {
             return Err(invalid(format!(
                 "{SECTION}.retries.max_attempts: must be at least 1"

@@ -21,6 +21,7 @@ use crate::credentials::{CredentialStore, Credentials, Identity};
 use crate::endpoints::{self, MAX_BODY};
 use crate::limits::{DownstreamTimeouts, Limits, RateLimiter, RetryPolicy};
 use crate::metrics::{ConnectionGuard, Form, Labels, METRICS};
+use crate::policy::HostAllowlist;
 use crate::resolver::Resolver;
 use crate::routing::{self, Dispatch, Route};
 use crate::signing::{self, Target};
@@ -99,6 +100,9 @@ pub struct TaskclusterProxy {
     /// Task-facing or admin listener.
     pub role: Role,
     pub credentials_endpoint: CredentialsEndpoint,
+    /// Hosts the hostname form may reach; `None` allows all (Go-compatible), an empty list
+    /// none.
+    pub hostnames: Option<Arc<HostAllowlist>>,
 }
 
 /// Which listeners a proxy service instance serves.
@@ -452,11 +456,24 @@ impl ProxyHttp for TaskclusterProxy {
                     .await?
             }
             Ok(Dispatch::Proxy(route)) => {
-                if let Some(host) = &route.host {
+                let refused = route.host.as_ref().filter(|host| {
                     log::info!("hostname-form request to {}", host.host);
+                    self.hostnames.as_ref().is_some_and(|list| {
+                        list.is_unrestricted() || !list.allows(host.bare_host())
+                    })
+                });
+                if let Some(host) = refused {
+                    METRICS.rejected_forbidden.inc();
+                    let msg = format!(
+                        "taskcluster-proxy: hostname-form requests to {} are not allowed (hostname_allowlist)",
+                        host.host
+                    );
+                    self.respond(session, &identity, 403, &[], msg.into())
+                        .await?;
+                } else {
+                    ctx.route = Some(route);
+                    return Ok(false);
                 }
-                ctx.route = Some(route);
-                return Ok(false);
             }
             Ok(Dispatch::Bewit) => self.handle_bewit(session, &identity).await?,
             Err(e) => {

@@ -18,6 +18,7 @@ use crate::config::Listener;
 use crate::credentials::{CredentialStore, Identity};
 use crate::limits::RateLimiter;
 use crate::metrics::MetricsApp;
+use crate::policy::HostAllowlist;
 use crate::proxy::{Role, TaskclusterProxy, Upstreams};
 use crate::resolver::{Resolver, DEFAULT_TTL};
 use crate::state::{StateFile, StateWatcher};
@@ -159,6 +160,14 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
+    let hostnames = match &settings.hostname_allowlist {
+        None => None,
+        Some(patterns) => {
+            Some(Arc::new(HostAllowlist::new(patterns).map_err(|e| {
+                StartError::Server(format!("hostname_allowlist: {e}"))
+            })?))
+        }
+    };
     let rotation = Arc::new(tokio::sync::Mutex::new(()));
     let make_proxy = |role| TaskclusterProxy {
         root_url: settings.root_url.clone(),
@@ -173,6 +182,7 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
         rate: RateLimiter::new(settings.limits.requests_per_second_per_client),
         role,
         credentials_endpoint: settings.credentials_endpoint,
+        hostnames: hostnames.clone(),
     };
     let mut service = http_proxy_service(&server.configuration, make_proxy(Role::Task));
     add_listeners(&mut service, &settings.listen, "tasks");

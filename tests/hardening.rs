@@ -339,3 +339,53 @@ fn expiring_certificate_is_warned_about() {
         .contains("expires in")));
     assert!(!proxy.stderr_text().contains(&tmp.access_token));
 }
+
+#[test]
+fn hostname_allowlist_limits_the_hostname_form() {
+    let tc = support::FakeTc::start(support::FakeTcOptions {
+        tls: true,
+        dns_names: vec!["files.example.com".into(), "other.example.org".into()],
+        clients: vec![support::default_client()],
+        ..Default::default()
+    });
+    let dir = TestDir::new();
+    let ca = tc.ca_file().unwrap();
+    let section = format!(
+        "  ca_file: {}\n  connect_to:\n    - \"files.example.com:443:127.0.0.1:{port}\"\n    - \"other.example.org:443:127.0.0.1:{port}\"\n  hostname_allowlist: [\"*.example.com\"]\n",
+        yq(&ca.to_string_lossy()),
+        port = tc.port()
+    );
+    let proxy = proxy_with(&dir, &tc.root_url(), &section);
+    let r = send(proxy.addr(), "GET", b"/Files.Example.com/x", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_auth_ok(&r.json());
+    let seen = tc.requests_seen();
+    let r = send(proxy.addr(), "GET", b"/other.example.org/x", &[], b"");
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("other.example.org"));
+    assert_eq!(tc.requests_seen(), seen, "a refused host was contacted");
+    // API and shortcut forms are not affected.
+    assert_eq!(
+        send(proxy.addr(), "GET", b"/queue/v1/x", &[], b"").status,
+        200
+    );
+
+    // An empty list refuses every hostname-form request; a bad pattern stops start-up.
+    let dir = TestDir::new();
+    let proxy = proxy_with(&dir, &tc.root_url(), "  hostname_allowlist: []\n");
+    assert_eq!(
+        send(proxy.addr(), "GET", b"/files.example.com/x", &[], b"").status,
+        403
+    );
+    let conf = dir.write(
+        "bad.yaml",
+        &format!(
+            "{}taskcluster_proxy:\n  hostname_allowlist: [\"a.*.com\"]\n",
+            dir.server_keys(1)
+        ),
+    );
+    let (code, _, err) =
+        support::proxy::run_to_exit(&["-c", &conf, "--test-conf"], &[], Duration::from_secs(10));
+    assert_ne!(code, Some(0));
+    assert!(err.contains("hostname_allowlist"), "{err}");
+}
