@@ -161,6 +161,22 @@ fn sample_configuration_documents_every_key() {
         "read_seconds",
         "write_seconds",
         "idle_seconds",
+        "metrics_address",
+        "access_log",
+        "downstream_timeouts",
+        "keepalive_seconds",
+        "limits",
+        "max_header_bytes",
+        "max_path_bytes",
+        "max_connections",
+        "requests_per_second_per_client",
+        "retries",
+        "max_attempts",
+        "max_seconds",
+        "initial_backoff_ms",
+        "credentials_endpoint",
+        "admin_listen",
+        "hostname_allowlist",
     ] {
         if !text.contains(&format!("{key}:")) {
             missing.push(key);
