@@ -12,3 +12,9 @@ fi
 if ! python3 -c 'import taskcluster' >/dev/null 2>&1; then
   python3 -m pip install --quiet --disable-pip-version-check taskcluster
 fi
+# Two unprivileged users for the caller-admission tests (they run clients under other uids).
+if [ "$(id -u)" = 0 ]; then
+  for u in tcp-admission-test tcp-admission-other; do
+    id -u "$u" >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin "$u"
+  done
+fi

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 
 use crate::accesslog;
+use crate::admission::Admission;
 use crate::config::{
     ConfError, CredentialsEndpoint, Listener, LogLevel, ProxyConfig, RawCredentials,
 };
@@ -118,6 +119,8 @@ pub struct Settings {
     pub credentials_endpoint: CredentialsEndpoint,
     pub admin_listen: Vec<Listener>,
     pub hostname_allowlist: Option<Vec<String>>,
+    /// Caller admission (`--allowed-user`, `--allowed-network`); `None` admits everyone.
+    pub admission: Option<Admission>,
     /// Problems worth a warning once logging is set up.
     pub warnings: Vec<String>,
 }
@@ -136,7 +139,6 @@ pub enum ConfigError {
     MissingAccessToken,
     Credentials(CredentialsError),
     Verifier(String),
-    AdmissionUnsupported,
     ConnectTo(String),
     File(ConfError),
 }
@@ -167,10 +169,6 @@ impl fmt::Display for ConfigError {
             ),
             Self::Credentials(e) => write!(f, "invalid credentials: {e}"),
             Self::Verifier(e) => write!(f, "Failed to create connection verifier: {e}"),
-            Self::AdmissionUnsupported => f.write_str(
-                "--allowed-user/--allowed-network are valid but connection admission is not \
-                 implemented in this version yet; refusing to start rather than admit every caller",
-            ),
             Self::ConnectTo(e) => f.write_str(e),
             Self::File(e) => e.fmt(f),
         }
@@ -259,19 +257,44 @@ impl Cli {
         }
         let credentials = Credentials::new(&client_id, &access_token, certificate.as_deref())
             .map_err(ConfigError::Credentials)?;
-        if self.allowed_user.is_some() || self.allowed_network.is_some() {
+        let admission = if self.allowed_user.is_some() || self.allowed_network.is_some() {
             match self.allowed_user.as_deref() {
                 None | Some("") => {
                     return Err(ConfigError::Verifier(
                         "--allowed-network requires --allowed-user".into(),
                     ))
                 }
-                Some(user) if !user_exists(user) => {
-                    return Err(ConfigError::Verifier(format!("user: unknown user {user}")))
+                Some(user) => {
+                    let network = self
+                        .allowed_network
+                        .as_deref()
+                        .map(parse_cidr)
+                        .transpose()?;
+                    let tcp = listen.iter().filter_map(|l| match l {
+                        Listener::Tcp(addr) => Some(*addr),
+                        Listener::Unix(..) => None,
+                    });
+                    let admission = Admission::new(user, network)
+                        .map_err(ConfigError::Verifier)?
+                        .listening_on(tcp);
+                    if admission
+                        .listeners()
+                        .iter()
+                        .any(|a| a.ip().is_unspecified())
+                    {
+                        warnings.push(
+                            "--allowed-user with a wildcard listen address: each new connection \
+                             is checked by reading /proc/net/tcp (milliseconds, while accepting); \
+                             listen on specific addresses (-i) for exact lookups"
+                                .to_string(),
+                        );
+                    }
+                    Some(admission)
                 }
-                Some(_) => return Err(ConfigError::AdmissionUnsupported),
             }
-        }
+        } else {
+            None
+        };
         let connect_to = if self.connect_to.is_empty() {
             &file.connect_to
         } else {
@@ -309,6 +332,7 @@ impl Cli {
             credentials_endpoint: file.credentials_endpoint,
             admin_listen: file.admin_listen,
             hostname_allowlist: file.hostname_allowlist,
+            admission,
             warnings,
         })
     }
@@ -369,15 +393,6 @@ pub fn parse_cidr(text: &str) -> Result<(IpAddr, u8), ConfigError> {
         return Err(ConfigError::NetworkTooBroad(text.to_string(), max));
     }
     Ok((addr, bits))
-}
-
-fn user_exists(name: &str) -> bool {
-    let Ok(name) = std::ffi::CString::new(name) else {
-        return false;
-    };
-    // SAFETY: getpwnam takes a NUL-terminated string and returns a pointer into static
-    // storage (or null); it is only compared with null here, during single-threaded start-up.
-    unsafe { !libc::getpwnam(name.as_ptr()).is_null() }
 }
 
 #[cfg(test)]
@@ -465,13 +480,23 @@ mod tests {
     }
 
     #[test]
-    fn admission_flags_validate_then_refuse() {
+    fn admission_flags() {
         let mut args = CREDS.to_vec();
-        args.extend_from_slice(&["--allowed-user", "root"]);
-        assert!(matches!(
-            cli(&args).settings(),
-            Err(ConfigError::AdmissionUnsupported)
-        ));
+        args.extend_from_slice(&["-i", "127.0.0.1", "-p", "9000", "--allowed-user", "root"]);
+        let admission = cli(&args).settings().unwrap().admission.unwrap();
+        assert_eq!((admission.user(), admission.allowed_uid()), ("root", 0));
+        assert_eq!(admission.listeners(), ["127.0.0.1:9000".parse().unwrap()]);
+        assert_eq!(admission.network(), None);
+        args.extend_from_slice(&["--allowed-network", "10.1.2.3/8"]);
+        let admission = cli(&args).settings().unwrap().admission.unwrap();
+        assert_eq!(admission.network(), Some(("10.1.2.3".parse().unwrap(), 8)));
+        assert!(cli(&CREDS).settings().unwrap().admission.is_none());
+        let mut args = CREDS.to_vec();
+        args.extend_from_slice(&["--allowed-network", "10.0.0.0/8"]);
+        assert_eq!(
+            cli(&args).settings().unwrap_err().to_string(),
+            "Failed to create connection verifier: --allowed-network requires --allowed-user"
+        );
         let mut args = CREDS.to_vec();
         args.extend_from_slice(&["--allowed-user", "no-such-user-here"]);
         assert_eq!(

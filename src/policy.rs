@@ -4,8 +4,10 @@
 //! signature to that host. An allowlist limits this to known hosts. Patterns are exact host
 //! names (case-insensitive) or `*.suffix` wildcards that match any host *below* the suffix
 //! (`*.example.com` matches `a.example.com` and `a.b.example.com`, not `example.com`).
-//! An empty list allows every host (the Go proxy's behaviour). Requests to the root URL are
-//! not subject to the allowlist.
+//! An allowlist without patterns allows every host (the Go proxy's behaviour); a caller that
+//! wants a configured-but-empty list to mean "no hostname-form requests at all" checks
+//! [`HostAllowlist::is_unrestricted`] itself. Requests to the root URL are not subject to the
+//! allowlist.
 
 use std::collections::HashSet;
 use std::fmt;

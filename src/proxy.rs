@@ -103,6 +103,8 @@ pub struct TaskclusterProxy {
     /// Hosts the hostname form may reach; `None` allows all (Go-compatible), an empty list
     /// none.
     pub hostnames: Option<Arc<HostAllowlist>>,
+    /// Caller admission for Unix-socket callers (TCP callers are filtered on accept).
+    pub admission: Option<Arc<crate::admission::Admission>>,
 }
 
 /// Which listeners a proxy service instance serves.
@@ -406,6 +408,24 @@ impl ProxyHttp for TaskclusterProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        if let Some(admission) = &self.admission {
+            // Unix-socket callers are checked by their peer credentials (two system calls, so
+            // per request); TCP callers were admitted by the connection filter on accept.
+            // `id()` of a downstream stream is its file descriptor.
+            // Only HTTP/2 and subrequests have no stream, and neither is served here.
+            let admitted = match session.as_downstream().stream() {
+                Some(stream) => admission.check_downstream(stream.id()).is_accept(),
+                None => false,
+            };
+            if !admitted {
+                // No identity headers: they would tell a stranger whose credentials these are.
+                session.set_keepalive(None);
+                let mut resp = ResponseHeader::build(403, Some(2))?;
+                resp.insert_header("Content-Length", "0")?;
+                session.write_response_header(Box::new(resp), true).await?;
+                return Ok(true);
+            }
+        }
         session.set_read_timeout(Some(Duration::from_secs(self.downstream.read_seconds)));
         session.set_keepalive(Some(self.downstream.keepalive_seconds));
         let new_connection = ctx.connection.is_none();

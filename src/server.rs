@@ -169,6 +169,7 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
         }
     };
     let rotation = Arc::new(tokio::sync::Mutex::new(()));
+    let admission = settings.admission.clone().map(Arc::new);
     let make_proxy = |role| TaskclusterProxy {
         root_url: settings.root_url.clone(),
         credentials: credentials.clone(),
@@ -183,9 +184,26 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
         role,
         credentials_endpoint: settings.credentials_endpoint,
         hostnames: hostnames.clone(),
+        // Unix-socket callers of the task listeners are checked per request.
+        admission: admission.clone().filter(|_| role == Role::Task),
     };
     let mut service = http_proxy_service(&server.configuration, make_proxy(Role::Task));
     add_listeners(&mut service, &settings.listen, "tasks");
+    if let Some(admission) = &admission {
+        // TCP callers are checked when accepted, before anything is read; rejected
+        // connections are closed without a response.
+        service.set_connection_filter(admission.clone());
+        log::info!(
+            "admitting callers running as root or {} (UID {}){}",
+            admission.user(),
+            admission.allowed_uid(),
+            match admission.network() {
+                Some((addr, bits)) =>
+                    format!(", or from {addr}/{bits} when their socket is not visible"),
+                None => String::new(),
+            }
+        );
+    }
     if !settings.admin_listen.is_empty() {
         let mut admin = http_proxy_service(&server.configuration, make_proxy(Role::Admin));
         add_listeners(&mut admin, &settings.admin_listen, "PUT /credentials");
