@@ -674,7 +674,12 @@ impl ProxyHttp for TaskclusterProxy {
         ctx: &mut Self::CTX,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        let retry = self.retries.may_retry(ctx.attempts, ctx.start.elapsed());
+        // Certificate and handshake errors will not go away by themselves.
+        let transient = !matches!(
+            e.etype(),
+            ErrorType::InvalidCert | ErrorType::TLSHandshakeFailure | ErrorType::HandshakeError
+        );
+        let retry = transient && self.retries.may_retry(ctx.attempts, ctx.start.elapsed());
         e.set_retry(retry);
         e
     }
