@@ -348,6 +348,20 @@ impl Identity {
         )
     }
 
+    /// The `Authorization` header signed with an explicit encoded `ext` instead of this
+    /// identity's own (per-request scope narrowing, see `scopes::narrow_identity`), with a
+    /// fresh ts and nonce.
+    pub fn authorization_with_ext(&self, ext: &str, target: &signing::Target<'_>) -> String {
+        signing::authorization_header(
+            &self.client_id,
+            &self.key,
+            ext,
+            target,
+            signing::unix_now(),
+            &signing::nonce(),
+        )
+    }
+
     /// A bewit valid until `exp` (Unix seconds) for a GET of `resource` on `host:port`.
     pub fn bewit(&self, resource: &[u8], host: &str, port: u16, exp: u64) -> String {
         signing::bewit(

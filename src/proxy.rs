@@ -24,6 +24,7 @@ use crate::metrics::{ConnectionGuard, Form, Labels, METRICS};
 use crate::policy::HostAllowlist;
 use crate::resolver::Resolver;
 use crate::routing::{self, Dispatch, Route};
+use crate::scopes;
 use crate::signing::{self, Target};
 use crate::state::StateFile;
 use crate::url::{Origin, RootUrl};
@@ -130,6 +131,11 @@ pub struct RequestCtx {
     in_flight: bool,
     /// Keeps this task connection counted while it is open (carried across keep-alive).
     connection: Option<Arc<ConnectionGuard>>,
+    /// `X-Taskcluster-Authorized-Scopes` as sent (checked in `request_filter`, re-checked
+    /// and signed per attempt against the credentials current at that moment).
+    narrow: Option<Vec<u8>>,
+    /// The scopes the last attempt was signed with, for the response header.
+    narrowed_scopes: Option<Vec<String>>,
 }
 
 impl RequestCtx {
@@ -383,6 +389,8 @@ impl ProxyHttp for TaskclusterProxy {
             attempts: 0,
             in_flight: false,
             connection: None,
+            narrow: None,
+            narrowed_scopes: None,
         }
     }
 
@@ -427,7 +435,9 @@ impl ProxyHttp for TaskclusterProxy {
             }
         }
         session.set_read_timeout(Some(Duration::from_secs(self.downstream.read_seconds)));
-        session.set_keepalive(Some(self.downstream.keepalive_seconds));
+        if session.get_keepalive().is_some() {
+            session.set_keepalive(Some(self.downstream.keepalive_seconds));
+        }
         let new_connection = ctx.connection.is_none();
         if new_connection {
             ctx.connection = Some(ConnectionGuard::new());
@@ -446,6 +456,18 @@ impl ProxyHttp for TaskclusterProxy {
                 session.set_keepalive(None);
             }
             self.respond(session, &identity, status, extra, msg.into())
+                .await?;
+            ctx.identity = Some(identity);
+            return Ok(true);
+        }
+        if !session.req_header().raw_path().starts_with(b"/") {
+            // Absolute-form (`GET http://host/`), authority-form (`CONNECT host:443`),
+            // asterisk-form and slash-less targets (`GET evil.example/x`, which routing would
+            // otherwise take for `/evil.example/x`) are not requests for this proxy.
+            let identity = self.credentials.current();
+            session.set_keepalive(None);
+            let msg = "taskcluster-proxy: the request-target must be a path starting with /";
+            self.respond(session, &identity, 400, &[], msg.into())
                 .await?;
             ctx.identity = Some(identity);
             return Ok(true);
@@ -491,8 +513,20 @@ impl ProxyHttp for TaskclusterProxy {
                     self.respond(session, &identity, 403, &[], msg.into())
                         .await?;
                 } else {
-                    ctx.route = Some(route);
-                    return Ok(false);
+                    // Per-request scope narrowing: refused here (400 malformed, 403 not
+                    // held) before anything reaches the upstream.
+                    match scopes::check_request(&identity, &session.req_header().headers) {
+                        Ok(narrow) => {
+                            ctx.narrow = narrow;
+                            ctx.route = Some(route);
+                            return Ok(false);
+                        }
+                        Err(e) => {
+                            let msg = e.to_string();
+                            self.respond(session, &identity, e.status(), &[], msg.into())
+                                .await?;
+                        }
+                    }
                 }
             }
             Ok(Dispatch::Bewit) => self.handle_bewit(session, &identity).await?,
@@ -542,6 +576,10 @@ impl ProxyHttp for TaskclusterProxy {
         upstream_request.remove_header(&http::header::AUTHORIZATION);
         upstream_request.remove_header("X-Forwarded-Port");
         upstream_request.remove_header("X-Forwarded-Proto");
+        upstream_request.remove_header(scopes::HEADER);
+        // Nor may a task tell the upstream which host it was asked for.
+        upstream_request.remove_header("X-Forwarded-Host");
+        upstream_request.remove_header("Forwarded");
 
         // Signed per attempt with the credentials current at that moment.
         let identity = self.credentials.current();
@@ -553,12 +591,25 @@ impl ProxyHttp for TaskclusterProxy {
         } else {
             method
         };
-        let authorization = identity.authorization(&Target {
+        let target = Target {
             method,
             resource: &route.target,
             host: &origin.host,
             port: origin.port,
-        });
+        };
+        let authorization = match &ctx.narrow {
+            None => identity.authorization(&target),
+            Some(raw) => {
+                // Re-checked against the credentials signing this attempt (a rotation may
+                // have changed the certificate's scopes since `request_filter`).
+                let narrowed = scopes::narrow_identity(&identity, raw).map_err(|e| {
+                    Error::explain(ErrorType::HTTPStatus(e.status()), e.to_string())
+                })?;
+                let authorization = identity.authorization_with_ext(&narrowed.ext, &target);
+                ctx.narrowed_scopes = Some(narrowed.scopes);
+                authorization
+            }
+        };
         upstream_request
             .insert_header(http::header::AUTHORIZATION, authorization)
             .inspect_err(|_| METRICS.signing_errors.inc())?;
@@ -655,6 +706,12 @@ impl ProxyHttp for TaskclusterProxy {
         };
         // Ours overwrite any same-named upstream headers.
         add_identity_headers(upstream_response, &identity)?;
+        if let Some(narrowed) = &ctx.narrowed_scopes {
+            let value = serde_json::Value::from(narrowed.clone()).to_string();
+            if let Ok(value) = HeaderValue::from_str(&value) {
+                upstream_response.insert_header(scopes::HEADER, value)?;
+            }
+        }
         if let (Some(route), Some(origin)) = (&ctx.route, ctx.origin(&self.root_url)) {
             let mut endpoint = origin.to_string().into_bytes();
             endpoint.extend_from_slice(&route.target);

@@ -235,6 +235,19 @@ pub fn narrow_identity(identity: &Identity, header: &[u8]) -> Result<Narrowed, N
     Ok(Narrowed { scopes, ext })
 }
 
+/// Request-time check for the proxy: `Ok(None)` without the header, `Ok(Some(raw))` when it
+/// is present and acceptable for `identity` (keep `raw` and sign each attempt with
+/// [`narrow_identity`] on the identity current then), the error to answer otherwise.
+pub fn check_request(
+    identity: &Identity,
+    headers: &http::HeaderMap,
+) -> Result<Option<Vec<u8>>, NarrowError> {
+    match requested(headers)? {
+        None => Ok(None),
+        Some(raw) => narrow_identity(identity, raw).map(|_| Some(raw.to_vec())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -471,6 +484,24 @@ mod tests {
         let err = narrow_identity(&identity, &header).unwrap_err();
         assert!(matches!(err, NarrowError::HeaderTooLong { len } if len > SERVER_HEADER_LIMIT));
         assert_eq!(err.status(), 400);
+    }
+
+    #[test]
+    fn check_request_keeps_the_raw_header() {
+        let perm = Credentials::new("tester", "no-secret", None).unwrap();
+        let configured = s(&["queue:*"]);
+        let identity = Identity::new(&perm, Some(&configured));
+        let mut map = http::HeaderMap::new();
+        assert_eq!(check_request(&identity, &map), Ok(None));
+        map.insert(HEADER, http::HeaderValue::from_static(r#"["queue:x"]"#));
+        assert_eq!(
+            check_request(&identity, &map),
+            Ok(Some(br#"["queue:x"]"#.to_vec()))
+        );
+        map.insert(HEADER, http::HeaderValue::from_static(r#"["auth:x"]"#));
+        assert_eq!(check_request(&identity, &map).unwrap_err().status(), 403);
+        map.insert(HEADER, http::HeaderValue::from_static("x"));
+        assert_eq!(check_request(&identity, &map).unwrap_err().status(), 400);
     }
 
     #[test]
