@@ -46,6 +46,16 @@ fn init_logging(settings: &Settings) {
         }
         b
     };
+    // Pingora's debug and trace output dumps request and response headers and bodies, which
+    // can carry bewits and credentials (e.g. an auth service response): never below info.
+    for module in [
+        "pingora_proxy",
+        "pingora_core",
+        "pingora_http",
+        "pingora_pool",
+    ] {
+        builder.filter_module(module, log::LevelFilter::Info);
+    }
     builder.format(|buf, record| {
         if record.target() == accesslog::TARGET {
             writeln!(buf, "{}", record.args())

@@ -517,6 +517,15 @@ impl ProxyHttp for TaskclusterProxy {
                     // held) before anything reaches the upstream.
                     match scopes::check_request(&identity, &session.req_header().headers) {
                         Ok(narrow) => {
+                            if log::log_enabled!(log::Level::Debug) {
+                                let target = String::from_utf8_lossy(&route.target);
+                                let origin = route.host.as_ref().unwrap_or(&self.root_url.origin);
+                                log::debug!(
+                                    "{} route to {origin}{}",
+                                    route.form.as_str(),
+                                    redact_bewit(&target)
+                                );
+                            }
                             ctx.narrow = narrow;
                             ctx.route = Some(route);
                             return Ok(false);
@@ -613,6 +622,16 @@ impl ProxyHttp for TaskclusterProxy {
         upstream_request
             .insert_header(http::header::AUTHORIZATION, authorization)
             .inspect_err(|_| METRICS.signing_errors.inc())?;
+        log::trace!(
+            "attempt {} signed for clientId {}{}",
+            ctx.attempts,
+            identity.client_id(),
+            if ctx.narrow.is_some() {
+                " with narrowed scopes"
+            } else {
+                ""
+            }
+        );
         ctx.identity = Some(identity);
         ctx.upstream_start = Some(Instant::now());
         Ok(())

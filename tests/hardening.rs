@@ -389,3 +389,86 @@ fn hostname_allowlist_limits_the_hostname_form() {
     assert_ne!(code, Some(0));
     assert!(err.contains("hostname_allowlist"), "{err}");
 }
+
+/// Runs a full scenario at trace level and scans every log line and every response for the
+/// access tokens (permanent, rotated, and temporary).
+#[test]
+fn no_secret_in_trace_logs_or_responses() {
+    let tc = fake();
+    let tmp = support::creds::fresh_temp_creds(
+        &support::default_client(),
+        Some("proxy-test/temp/scan"),
+        &["queue:*"],
+    );
+    let root = tc.root_url();
+    let proxy = ProxyProcess::spawn(
+        &["--root-url", &root, "--client-id", CLIENT_ID, "queue:x"],
+        &[
+            ("TASKCLUSTER_ACCESS_TOKEN", ACCESS_TOKEN),
+            ("RUST_LOG", "trace"),
+        ],
+    );
+    let a = proxy.addr();
+    let mut responses = vec![
+        send(a, "GET", b"/queue/v1/x?bewit=abc", &[], b""),
+        send(
+            a,
+            "POST",
+            b"/api/auth/v1/y",
+            &[("Authorization", "Bearer task")],
+            b"{}",
+        ),
+        send(a, "GET", b"/-bad/v1/x", &[], b""),
+        send(a, "POST", b"/bewit", &[], b"https://tc.example.com/x?a=1"),
+        send(a, "POST", b"/bewit", &[], b"not a url"),
+        send(a, "PUT", b"/credentials", &[], b"{\"clientId\":\"x\"}"),
+    ];
+    let rotate = json!({"clientId": CLIENT2_ID, "accessToken": support::ACCESS_TOKEN2}).to_string();
+    responses.push(send(a, "PUT", b"/credentials", &[], rotate.as_bytes()));
+    responses.push(send(a, "GET", b"/queue/v1/__status/500", &[], b""));
+    let temp = json!({"clientId": tmp.client_id, "accessToken": tmp.access_token, "certificate": tmp.certificate}).to_string();
+    responses.push(send(a, "PUT", b"/credentials", &[], temp.as_bytes()));
+    responses.push(send(a, "GET", b"/queue/v1/z", &[], b""));
+    assert_auth_ok(&responses.last().unwrap().json());
+    // an upstream failure path too
+    let dead = ProxyProcess::spawn(
+        &[
+            "--root-url",
+            &format!("http://127.0.0.1:{}", free_port()),
+            "--client-id",
+            CLIENT_ID,
+        ],
+        &[
+            ("TASKCLUSTER_ACCESS_TOKEN", ACCESS_TOKEN),
+            ("RUST_LOG", "trace"),
+        ],
+    );
+    responses.push(send(dead.addr(), "GET", b"/queue/v1/x", &[], b""));
+    thread::sleep(Duration::from_millis(300));
+
+    let logs = proxy.stderr_text() + &dead.stderr_text();
+    assert!(
+        logs.contains(" TRACE ") && logs.contains(" DEBUG "),
+        "trace logging is not on"
+    );
+    for secret in [
+        ACCESS_TOKEN,
+        support::ACCESS_TOKEN2,
+        tmp.access_token.as_str(),
+    ] {
+        assert!(!logs.contains(secret), "a token appears in the logs");
+        for r in &responses {
+            let headers: String = r
+                .headers
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}\n"))
+                .collect();
+            assert!(
+                !headers.contains(secret) && !r.text().contains(secret),
+                "a token appears in a response"
+            );
+        }
+    }
+    let leaks: Vec<&str> = logs.lines().filter(|l| l.contains("bewit=abc")).collect();
+    assert!(leaks.is_empty(), "a bewit appears in the logs: {leaks:#?}");
+}
