@@ -48,13 +48,23 @@ fn init_logging(settings: &Settings) {
     };
     // Pingora's debug and trace output dumps request and response headers and bodies, which
     // can carry bewits and credentials (e.g. an auth service response): never below info.
+    let base = match std::env::var("RUST_LOG") {
+        // The bare level in RUST_LOG (e.g. `warn` in `warn,my::module=debug`), if any.
+        Ok(filters) => filters
+            .split(',')
+            .find_map(|f| f.trim().parse::<log::LevelFilter>().ok())
+            .unwrap_or(log::LevelFilter::Info),
+        Err(_) => settings
+            .log_level
+            .map_or(log::LevelFilter::Info, |l| l.filter()),
+    };
     for module in [
         "pingora_proxy",
         "pingora_core",
         "pingora_http",
         "pingora_pool",
     ] {
-        builder.filter_module(module, log::LevelFilter::Info);
+        builder.filter_module(module, base.min(log::LevelFilter::Info));
     }
     builder.format(|buf, record| {
         if record.target() == accesslog::TARGET {

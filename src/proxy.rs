@@ -653,7 +653,7 @@ impl ProxyHttp for TaskclusterProxy {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
@@ -662,6 +662,22 @@ impl ProxyHttp for TaskclusterProxy {
                 let form = ctx.route.as_ref().map_or(Form::Invalid, |r| r.form.into());
                 METRICS.upstream_duration(form, start.elapsed().as_secs_f64());
             }
+        }
+        // A 5xx to an idempotent request whose body can be replayed is retried (nothing has
+        // reached the task yet); the last attempt's answer is relayed as it is.
+        let status = upstream_response.status.as_u16();
+        if status >= 500
+            && session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated()
+            && session.response_written().is_none()
+            && self.retries.may_retry(ctx.attempts, ctx.start.elapsed())
+        {
+            let mut e = Error::explain(
+                ErrorType::HTTPStatus(status),
+                format!("upstream answered {status}; retrying"),
+            );
+            e.set_retry(true);
+            return Err(e.into_up());
         }
         Ok(())
     }
@@ -781,6 +797,17 @@ impl ProxyHttp for TaskclusterProxy {
             e.retry.decide_reuse(client_reused);
         }
         e
+    }
+
+    /// Our deliberate 5xx retries are not worth a warning each; the final outcome is logged.
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &Self::CTX,
+        error: &Error,
+        _context: pingora_proxy::ProxyWarnLogContext,
+    ) -> bool {
+        matches!(error.etype(), ErrorType::HTTPStatus(_)) && error.retry()
     }
 
     /// Pingora's error logs name the request; bewits in queries are credentials, so redact them.

@@ -472,3 +472,54 @@ fn no_secret_in_trace_logs_or_responses() {
     let leaks: Vec<&str> = logs.lines().filter(|l| l.contains("bewit=abc")).collect();
     assert!(leaks.is_empty(), "a bewit appears in the logs: {leaks:#?}");
 }
+
+#[test]
+fn idempotent_5xx_is_retried_and_the_last_answer_relayed() {
+    // A flaky task fetch: the first answer is 500, the retry succeeds.
+    let tc = support::FakeTc::start(support::FakeTcOptions {
+        clients: vec![support::default_client()],
+        tasks: vec![("flaky".into(), vec!["queue:x".into()])],
+        ..Default::default()
+    });
+    let dir = TestDir::new();
+    let proxy = proxy_with(
+        &dir,
+        &tc.root_url(),
+        "  retries:\n    max_attempts: 3\n    initial_backoff_ms: 20\n",
+    );
+    tc.fail_next_task_fetches(1);
+    let r = send(proxy.addr(), "GET", b"/queue/v1/task/flaky", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(tc.task_fetches(), 2, "one failed attempt, one retry");
+
+    // Always 503: GET is tried max_attempts times and the final 503 reaches the task intact.
+    let seen = tc.requests_seen();
+    let r = send(proxy.addr(), "GET", b"/queue/v1/__status/503", &[], b"");
+    assert_eq!(r.status, 503);
+    assert_auth_ok(&r.json());
+    assert_eq!(tc.requests_seen() - seen, 3);
+
+    // POST is not idempotent: one attempt only.
+    let seen = tc.requests_seen();
+    let r = send(proxy.addr(), "POST", b"/queue/v1/__status/503", &[], b"{}");
+    assert_eq!(r.status, 503);
+    assert_eq!(tc.requests_seen() - seen, 1);
+
+    // A PUT with a small body is replayed intact.
+    let seen = tc.requests_seen();
+    let r = send(
+        proxy.addr(),
+        "PUT",
+        b"/queue/v1/__status/502",
+        &[],
+        b"replay me",
+    );
+    assert_eq!(r.status, 502);
+    assert_eq!(tc.requests_seen() - seen, 3);
+    assert_eq!(
+        r.json()["echo"]["body_len"]
+            .as_u64()
+            .or(r.json()["body_len"].as_u64()),
+        Some(9)
+    );
+}

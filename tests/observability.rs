@@ -415,8 +415,8 @@ struct Sent {
     service: &'static str,
     /// Whether the request reached the upstream and got a response header from it.
     upstream_answered: bool,
-    /// Whether it reached the upstream at all (possibly without an answer).
-    upstream_reached: bool,
+    /// Upstream attempts (retries of an idempotent 5xx included); 0 when none.
+    attempts: u64,
     /// Local answer (no upstream at all).
     local: bool,
     /// Complete response received (its body length is meaningful).
@@ -476,15 +476,11 @@ impl Mix {
             form,
             service,
             upstream_answered: matches!(kind, Kind::Upstream),
-            upstream_reached: matches!(kind, Kind::Upstream),
+            attempts: u64::from(matches!(kind, Kind::Upstream)),
             local: matches!(kind, Kind::Local),
             response: r.clone(),
         });
         r
-    }
-
-    fn count(&self, f: impl Fn(&Sent) -> bool) -> f64 {
-        self.sent.iter().filter(|s| f(s)).count() as f64
     }
 
     fn sum(&self, f: impl Fn(&Sent) -> Option<u64>) -> f64 {
@@ -597,6 +593,8 @@ fn metrics_exact_deltas_for_a_scripted_mix() {
         Upstream,
         500,
     );
+    // an idempotent 5xx is retried: 3 attempts (default retries.max_attempts), the last relayed
+    mix.sent.last_mut().unwrap().attempts = 3;
     mix.req("GET", "/-bad/v1/x", b"", "invalid", "none", Local, 404);
     mix.req(
         "GET",
@@ -731,7 +729,7 @@ fn metrics_exact_deltas_for_a_scripted_mix() {
     let upstream_requests = (tc.requests_seen() - seen0) as f64;
     assert_eq!(
         upstream_requests,
-        mix.count(|s| s.upstream_reached),
+        mix.sum(|s| Some(s.attempts)),
         "requests that reached the fake"
     );
 
@@ -770,13 +768,13 @@ fn metrics_exact_deltas_for_a_scripted_mix() {
         d.exact(
             &m("upstream_duration_seconds_count"),
             &[("form", form)],
-            mix.count(|s| s.upstream_answered && s.form == form),
+            mix.sum(|s| (s.upstream_answered && s.form == form).then_some(s.attempts)),
         );
     }
     d.exact(
         &m("upstream_duration_seconds_count"),
         &[],
-        mix.count(|s| s.upstream_answered),
+        mix.sum(|s| s.upstream_answered.then_some(s.attempts)),
     );
     d.check(
         d.delta(&m("upstream_duration_seconds_sum"), &[]) > 0.0,
@@ -804,7 +802,7 @@ fn metrics_exact_deltas_for_a_scripted_mix() {
     d.exact(
         &m("upstream_connections_total"),
         &[],
-        mix.count(|s| s.upstream_reached),
+        mix.sum(|s| Some(s.attempts)),
     );
     let reuse_sets: BTreeSet<String> = after
         .label_sets(&m("upstream_connections_total"))
@@ -829,8 +827,9 @@ fn metrics_exact_deltas_for_a_scripted_mix() {
     d.exact(&m("rejected_requests_total"), &[], 2.0);
     d.exact(&m("rejected_connections_total"), &[], 0.0);
     d.exact(&m("signing_errors_total"), &[], 0.0);
-    // the refused request was retried twice (default retries.max_attempts: 3)
-    d.exact(&m("upstream_retries_total"), &[], 2.0);
+    // the refused request and the GET answered 500 were each retried twice
+    // (default retries.max_attempts: 3)
+    d.exact(&m("upstream_retries_total"), &[], 4.0);
     d.check(
         after.single(&m("requests_in_flight")) == Some(0.0),
         "requests_in_flight is not back to 0".into(),
@@ -1424,7 +1423,7 @@ fn json_access_log_one_line_per_request_with_fields_and_no_secrets() {
         form: "api",
         service: "queue",
         upstream_answered: true,
-        upstream_reached: true,
+        attempts: 1,
         local: false,
         response: r,
     });
