@@ -603,6 +603,21 @@ pub fn peer_uid(fd: RawFd) -> io::Result<u32> {
 }
 
 /// The address family of a socket (`AF_UNIX`, `AF_INET`, …).
+/// The OS uid of the process on the other end of a task connection: `SO_PEERCRED` for a Unix
+/// socket, the exact ESTABLISHED 4-tuple for TCP (`peer` and `local` as seen by us).
+/// `None` when it cannot be determined (e.g. a caller in another network namespace).
+/// Blocking: call off the async runtime.
+pub fn caller_uid(fd: RawFd, peer: Option<SocketAddr>, local: Option<SocketAddr>) -> Option<u32> {
+    match socket_family(fd).ok()? {
+        libc::AF_UNIX => peer_uid(fd).ok(),
+        libc::AF_INET | libc::AF_INET6 => match lookup(peer?, &[local?]) {
+            Lookup::Found(uid) => Some(uid),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 fn socket_family(fd: RawFd) -> io::Result<libc::c_int> {
     // SAFETY: `storage` is large enough for any address; `len` says so.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };

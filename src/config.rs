@@ -87,6 +87,9 @@ pub enum CredentialsEndpoint {
     /// Only on the `admin_listen` listeners, so a task cannot replace the credentials its own
     /// requests are signed with.
     Admin,
+    /// On the task-facing listeners, but only from processes running as root (the worker),
+    /// identified by the connection's socket (`SO_PEERCRED`, or the exact TCP 4-tuple).
+    Root,
 }
 
 #[derive(Deserialize, Debug)]

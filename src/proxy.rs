@@ -337,6 +337,21 @@ impl TaskclusterProxy {
     }
 }
 
+/// The OS uid of the task connection's peer, if it can be determined.
+async fn caller_uid(session: &Session) -> Option<u32> {
+    let downstream = session.as_downstream();
+    let fd = downstream.stream()?.id();
+    let socket = downstream.digest()?.socket_digest.clone()?;
+    let inet = |a: Option<&pingora_core::protocols::l4::socket::SocketAddr>| {
+        a.and_then(|a| a.as_inet()).copied()
+    };
+    let (peer, local) = (inet(socket.peer_addr()), inet(socket.local_addr()));
+    tokio::task::spawn_blocking(move || crate::admission::caller_uid(fd, peer, local))
+        .await
+        .ok()
+        .flatten()
+}
+
 /// Index into [`crate::metrics::ERROR_KINDS`] for upstream failures.
 fn error_kind(e: &Error) -> Option<usize> {
     use ErrorType::*;
@@ -488,6 +503,16 @@ impl ProxyHttp for TaskclusterProxy {
             {
                 METRICS.rejected_forbidden.inc();
                 let msg = "credentials: rotation is only accepted on the admin listener";
+                self.respond(session, &identity, 403, &[], msg.into())
+                    .await?
+            }
+            Ok(Dispatch::Credentials)
+                if self.role == Role::Task
+                    && self.credentials_endpoint == CredentialsEndpoint::Root
+                    && caller_uid(session).await != Some(0) =>
+            {
+                METRICS.rejected_forbidden.inc();
+                let msg = "credentials: only root may rotate credentials";
                 self.respond(session, &identity, 403, &[], msg.into())
                     .await?
             }

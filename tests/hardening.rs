@@ -523,3 +523,64 @@ fn idempotent_5xx_is_retried_and_the_last_answer_relayed() {
         Some(9)
     );
 }
+
+/// `credentials_endpoint: root`: the worker (root) may rotate, a task running as another
+/// user may not, even on the same port.
+#[test]
+fn credentials_only_from_root_when_configured() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: cannot run a client as another user; skipping");
+        return;
+    }
+    let user = "tcp-admission-other";
+    if !std::process::Command::new("id")
+        .args(["-u", user])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        let status = std::process::Command::new("useradd")
+            .args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                user,
+            ])
+            .status()
+            .expect("useradd");
+        assert!(status.success(), "useradd {user}");
+    }
+    let tc = fake();
+    let dir = TestDir::new();
+    let proxy = proxy_with(&dir, &tc.root_url(), "  credentials_endpoint: root\n");
+    let url = format!("http://{}/credentials", proxy.addr());
+    let body = json!({"clientId": CLIENT2_ID, "accessToken": support::ACCESS_TOKEN2}).to_string();
+    let as_other = std::process::Command::new("runuser")
+        .args([
+            "-u",
+            user,
+            "--",
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .args(["-X", "PUT", "--data", &body, &url])
+        .output()
+        .expect("runuser curl");
+    assert_eq!(String::from_utf8_lossy(&as_other.stdout), "403");
+    let r = send(proxy.addr(), "GET", b"/queue/v1/x", &[], b"");
+    assert_eq!(
+        r.json()["auth"]["clientId"],
+        json!(CLIENT_ID),
+        "rotation refused"
+    );
+
+    let r = send(proxy.addr(), "PUT", b"/credentials", &[], body.as_bytes());
+    assert_eq!(r.status, 200, "root may rotate: {}", r.text());
+    let r = send(proxy.addr(), "GET", b"/queue/v1/x", &[], b"");
+    assert_eq!(r.json()["auth"]["clientId"], json!(CLIENT2_ID));
+}
