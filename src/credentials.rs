@@ -390,7 +390,7 @@ pub struct CredentialStore {
 impl CredentialStore {
     pub fn new(credentials: &Credentials, authorized_scopes: Option<Vec<String>>) -> Self {
         let identity = Identity::new(credentials, authorized_scopes.as_deref());
-        warn_if_oversized(&identity);
+        warn_about_limits(&identity);
         CredentialStore {
             current: ArcSwap::from_pointee(identity),
         }
@@ -409,7 +409,7 @@ impl CredentialStore {
     /// Replaces credentials and scopes together (state adopted from another process).
     pub fn replace(&self, credentials: &Credentials, authorized_scopes: Option<Vec<String>>) {
         let identity = Identity::new(credentials, authorized_scopes.as_deref());
-        warn_if_oversized(&identity);
+        warn_about_limits(&identity);
         log::info!(
             "credentials rotated: clientId={} ({})",
             identity.client_id(),
@@ -431,7 +431,7 @@ impl CredentialStore {
 /// Warn this long before a temporary certificate expires.
 const EXPIRY_WARNING_MS: f64 = 10.0 * 60.0 * 1000.0;
 
-fn warn_if_oversized(identity: &Identity) {
+fn warn_about_limits(identity: &Identity) {
     if let Some(expiry) = identity.certificate_expiry_ms() {
         let now_ms = signing::unix_now() as f64 * 1000.0;
         if expiry <= now_ms {

@@ -140,9 +140,7 @@ pub struct RequestCtx {
 
 impl RequestCtx {
     fn origin<'a>(&'a self, root: &'a RootUrl) -> Option<&'a Origin> {
-        self.route
-            .as_ref()
-            .map(|r| r.host.as_ref().unwrap_or(&root.origin))
+        self.route.as_ref().map(|r| r.origin(root))
     }
 }
 
@@ -352,39 +350,29 @@ async fn caller_uid(session: &Session) -> Option<u32> {
         .flatten()
 }
 
-/// Index into [`crate::metrics::ERROR_KINDS`] for upstream failures.
-fn error_kind(e: &Error) -> Option<usize> {
-    use ErrorType::*;
-    match e.etype() {
-        ConnectRefused => Some(0),
-        ConnectTimedout | TLSHandshakeTimedout | ReadTimedout | WriteTimedout => Some(1),
-        TLSHandshakeFailure | InvalidCert | HandshakeError => Some(2),
-        ConnectNoRoute => Some(3),
-        HTTPStatus(_) => None,
-        _ if e.esource() == &ErrorSource::Upstream => Some(4),
-        _ => None,
-    }
-}
+/// Index of the TLS kind in [`crate::metrics::ERROR_KINDS`].
+const KIND_TLS: usize = 2;
 
-/// Status and plain-text reason for a failure to reach the upstream. Only the error type is
-/// described: error contexts can carry request details, and bodies must never carry secrets.
-fn failure_status(e: &Error) -> (u16, &'static str) {
+/// Status, plain-text reason and metrics kind (index into [`crate::metrics::ERROR_KINDS`])
+/// of a failure to reach the upstream. Only the error type is described: error contexts can
+/// carry request details, and bodies must never carry secrets.
+fn classify_failure(e: &Error) -> (u16, &'static str, Option<usize>) {
     use ErrorType::*;
     match e.etype() {
-        HTTPStatus(code) => (*code, "error"),
-        ConnectTimedout => (504, "timed out connecting to upstream"),
-        TLSHandshakeTimedout => (504, "timed out in the TLS handshake with upstream"),
-        ReadTimedout => (504, "timed out waiting for upstream"),
-        WriteTimedout => (504, "timed out sending to upstream"),
-        ConnectRefused => (502, "connection refused by upstream"),
-        ConnectNoRoute => (502, "cannot resolve or reach upstream"),
+        HTTPStatus(code) => (*code, "error", None),
+        ConnectTimedout => (504, "timed out connecting to upstream", Some(1)),
+        TLSHandshakeTimedout => (504, "timed out in the TLS handshake with upstream", Some(1)),
+        ReadTimedout => (504, "timed out waiting for upstream", Some(1)),
+        WriteTimedout => (504, "timed out sending to upstream", Some(1)),
+        ConnectRefused => (502, "connection refused by upstream", Some(0)),
+        ConnectNoRoute => (502, "cannot resolve or reach upstream", Some(3)),
         TLSHandshakeFailure | InvalidCert | HandshakeError => {
-            (502, "TLS handshake failed with upstream")
+            (502, "TLS handshake failed with upstream", Some(KIND_TLS))
         }
         _ => match e.esource() {
-            ErrorSource::Upstream => (502, "upstream connection failed for"),
-            ErrorSource::Downstream => (400, "bad request"),
-            _ => (500, "internal error while proxying to"),
+            ErrorSource::Upstream => (502, "upstream connection failed for", Some(4)),
+            ErrorSource::Downstream => (400, "bad request", None),
+            _ => (500, "internal error while proxying to", None),
         },
     }
 }
@@ -544,7 +532,7 @@ impl ProxyHttp for TaskclusterProxy {
                         Ok(narrow) => {
                             if log::log_enabled!(log::Level::Debug) {
                                 let target = String::from_utf8_lossy(&route.target);
-                                let origin = route.host.as_ref().unwrap_or(&self.root_url.origin);
+                                let origin = route.origin(&self.root_url);
                                 log::debug!(
                                     "{} route to {origin}{}",
                                     route.form.as_str(),
@@ -602,7 +590,7 @@ impl ProxyHttp for TaskclusterProxy {
             .route
             .as_ref()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route"))?;
-        let origin = route.host.as_ref().unwrap_or(&self.root_url.origin);
+        let origin = route.origin(&self.root_url);
         upstream_request.set_raw_path(&route.target)?;
         upstream_request.insert_header(http::header::HOST, origin.authority())?;
         // The task's own credentials never travel upstream, and forwarding headers from the
@@ -792,10 +780,7 @@ impl ProxyHttp for TaskclusterProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         // Certificate and handshake errors will not go away by themselves.
-        let transient = !matches!(
-            e.etype(),
-            ErrorType::InvalidCert | ErrorType::TLSHandshakeFailure | ErrorType::HandshakeError
-        );
+        let transient = classify_failure(&e).2 != Some(KIND_TLS);
         let retry = transient && self.retries.may_retry(ctx.attempts, ctx.start.elapsed());
         e.set_retry(retry);
         e
@@ -851,8 +836,8 @@ impl ProxyHttp for TaskclusterProxy {
     where
         Self::CTX: Send + Sync,
     {
-        let (mut code, reason) = failure_status(e);
-        if let Some(kind) = error_kind(e) {
+        let (mut code, reason, kind) = classify_failure(e);
+        if let Some(kind) = kind {
             METRICS.upstream_error(kind);
         }
         let downstream_gone = e.esource() == &ErrorSource::Downstream
@@ -925,14 +910,14 @@ mod tests {
     }
 
     #[test]
-    fn failure_statuses() {
+    fn failure_classes() {
         let e = Error::new(ErrorType::ConnectRefused);
-        assert_eq!(failure_status(&e).0, 502);
+        assert_eq!(classify_failure(&e).0, 502);
         let e = Error::new(ErrorType::ReadTimedout);
-        assert_eq!(failure_status(&e).0, 504);
+        assert_eq!(classify_failure(&e).0, 504);
         let e = Error::new(ErrorType::InvalidCert);
-        assert_eq!(failure_status(&e).0, 502);
+        assert_eq!(classify_failure(&e).0, 502);
         let e = Error::new(ErrorType::HTTPStatus(413));
-        assert_eq!(failure_status(&e).0, 413);
+        assert_eq!(classify_failure(&e).0, 413);
     }
 }

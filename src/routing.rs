@@ -53,6 +53,11 @@ pub struct Route {
 }
 
 impl Route {
+    /// The origin the request goes to: its own host, or the root URL's.
+    pub fn origin<'a>(&'a self, root: &'a crate::url::RootUrl) -> &'a Origin {
+        self.host.as_ref().unwrap_or(&root.origin)
+    }
+
     /// The Taskcluster service named by an API or shortcut form request.
     pub fn service(&self) -> Option<&[u8]> {
         self.service.clone().map(|r| &self.target[r])
