@@ -47,6 +47,9 @@ pub struct Record<'a> {
     pub upstream_reused: Option<bool>,
     pub retries: u32,
     pub client: &'a str,
+    /// Shared mode: the task the request was attributed to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<&'a str>,
 }
 
 impl Record<'_> {
@@ -55,7 +58,7 @@ impl Record<'_> {
             Format::Off => None,
             Format::Json => serde_json::to_string(self).ok(),
             Format::Text => Some(format!(
-                "access {} \"{} {}\" {} form={} service={} upstream={} in={} out={} ms={:.3} reused={} retries={}",
+                "access {} \"{} {}\" {} form={} service={} upstream={} in={} out={} ms={:.3} reused={} retries={}{}",
                 self.client,
                 self.method,
                 self.path,
@@ -68,6 +71,7 @@ impl Record<'_> {
                 self.duration_ms,
                 self.upstream_reused.map_or("-".to_string(), |r| r.to_string()),
                 self.retries,
+                self.task.map_or(String::new(), |t| format!(" task={t}")),
             )),
         }
     }
@@ -130,6 +134,7 @@ mod tests {
             upstream_reused: Some(true),
             retries: 0,
             client: "127.0.0.1:5000",
+            task: None,
         };
         let json: serde_json::Value = serde_json::from_str(&r.line(Format::Json).unwrap()).unwrap();
         assert_eq!(json["status"], 200);

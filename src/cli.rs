@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 
 use crate::accesslog;
+use crate::admin::AdminToken;
 use crate::admission::Admission;
 use crate::config::{
     ConfError, CredentialsEndpoint, Listener, LogLevel, ProxyConfig, RawCredentials,
@@ -73,6 +74,15 @@ pub struct Cli {
     /// Access log format: text, json or off [default: text].
     #[arg(long = "access-log", value_name = "FORMAT")]
     pub access_log: Option<accesslog::Format>,
+    /// Shared mode: serve the task admin API on this Unix socket (mode 0600).
+    #[arg(long = "admin-socket", value_name = "PATH")]
+    pub admin_socket: Option<PathBuf>,
+    /// Shared mode: serve the task admin API on this TCP address (needs --admin-token-file).
+    #[arg(long = "admin-address", value_name = "HOST:PORT")]
+    pub admin_address: Option<SocketAddr>,
+    /// File holding the bearer token every admin API request must carry (mode 0600).
+    #[arg(long = "admin-token-file", value_name = "PATH")]
+    pub admin_token_file: Option<PathBuf>,
     /// Configuration file (YAML): Pingora's server keys and a `taskcluster_proxy:` section.
     #[arg(short = 'c', long = "conf", value_name = "PATH")]
     pub conf: Option<String>,
@@ -101,7 +111,10 @@ pub struct Cli {
 pub struct Settings {
     pub listen: Vec<Listener>,
     pub root_url: RootUrl,
-    pub credentials: Credentials,
+    /// The credentials requests are signed with; `None` in shared mode (each task has its own).
+    pub credentials: Option<Credentials>,
+    /// Shared mode (one proxy, many tasks), when an admin API is configured.
+    pub shared: Option<SharedSettings>,
     /// Positional scopes, else the file's; `authorizedScopes` is these plus the task's scopes,
     /// or absent when there are neither.
     pub scopes: Option<Vec<String>>,
@@ -125,6 +138,14 @@ pub struct Settings {
     pub warnings: Vec<String>,
 }
 
+/// The admin API of shared mode.
+#[derive(Debug)]
+pub struct SharedSettings {
+    pub admin_socket: Option<PathBuf>,
+    pub admin_address: Option<SocketAddr>,
+    pub admin_token: Option<AdminToken>,
+}
+
 /// A fatal start-up problem; `Display` is the message printed before exiting 1.
 #[derive(Debug)]
 pub enum ConfigError {
@@ -141,6 +162,7 @@ pub enum ConfigError {
     Verifier(String),
     ConnectTo(String),
     File(ConfError),
+    Shared(String),
 }
 
 impl fmt::Display for ConfigError {
@@ -171,6 +193,7 @@ impl fmt::Display for ConfigError {
             Self::Verifier(e) => write!(f, "Failed to create connection verifier: {e}"),
             Self::ConnectTo(e) => f.write_str(e),
             Self::File(e) => e.fmt(f),
+            Self::Shared(e) => write!(f, "shared mode: {e}"),
         }
     }
 }
@@ -202,7 +225,7 @@ impl Cli {
                 port,
             )?)]
         } else {
-            file.listen
+            file.listen.clone()
         };
         if let Some(network) = &self.allowed_network {
             parse_cidr(network)?;
@@ -211,52 +234,40 @@ impl Cli {
             .ok_or(ConfigError::MissingRootUrl)?;
         let root_url = RootUrl::parse(&root_text)
             .map_err(|e| ConfigError::InvalidRootUrl(root_text.clone(), e))?;
-        // Credentials are one unit: flags and environment (combined per field, as in the Go
-        // proxy) when any of them is set, else the configuration file. Mixing a token from the
-        // environment with a certificate from the file would sign with a mismatched set.
-        let none = None;
-        let from_cli = [
-            (&self.client_id, "TASKCLUSTER_CLIENT_ID"),
-            (&self.access_token, "TASKCLUSTER_ACCESS_TOKEN"),
-            (&self.certificate, "TASKCLUSTER_CERTIFICATE"),
-        ]
-        .iter()
-        .any(|(flag, var)| first_set(flag, var, &none).is_some());
-        let from_file = if from_cli {
-            RawCredentials::default()
+        let shared = self.shared_settings(&file)?;
+        let scopes = if self.scopes.is_empty() {
+            file.authorized_scopes.clone()
         } else {
-            file.credentials.clone()
+            Some(self.scopes.clone())
         };
-        let client_id = first_set(
-            &self.client_id,
-            "TASKCLUSTER_CLIENT_ID",
-            &from_file.client_id,
-        )
-        .ok_or(ConfigError::MissingClientId)?;
-        let access_token = first_set(
-            &self.access_token,
-            "TASKCLUSTER_ACCESS_TOKEN",
-            &from_file.access_token,
-        )
-        .ok_or(ConfigError::MissingAccessToken)?;
-        let certificate = first_set(
-            &self.certificate,
-            "TASKCLUSTER_CERTIFICATE",
-            &from_file.certificate,
-        );
+        let task_id = self
+            .task_id
+            .clone()
+            .or(file.task_id.clone())
+            .filter(|t| !t.is_empty());
         let mut warnings = Vec::new();
-        if certificate.is_none() {
-            warnings.push("no certificate given: assuming permanent credentials".to_string());
-        }
-        if self.access_token.as_deref().is_some_and(|t| !t.is_empty()) {
-            warnings.push(
-                "--access-token is visible to every local user in the process list; \
-                 prefer TASKCLUSTER_ACCESS_TOKEN or a credentials file"
-                    .to_string(),
-            );
-        }
-        let credentials = Credentials::new(&client_id, &access_token, certificate.as_deref())
-            .map_err(ConfigError::Credentials)?;
+        let credentials = match &shared {
+            None => Some(self.credentials(&file, &mut warnings)?),
+            Some(_) => {
+                let none = None;
+                let given = [
+                    (&self.client_id, "TASKCLUSTER_CLIENT_ID"),
+                    (&self.access_token, "TASKCLUSTER_ACCESS_TOKEN"),
+                    (&self.certificate, "TASKCLUSTER_CERTIFICATE"),
+                ]
+                .iter()
+                .any(|(flag, var)| first_set(flag, var, &none).is_some())
+                    || file.credentials != RawCredentials::default();
+                if given {
+                    warnings.push(
+                        "shared mode: the configured credentials are not used; each task's \
+                         credentials come with its registration (PUT /tasks/{taskId})"
+                            .to_string(),
+                    );
+                }
+                None
+            }
+        };
         let admission = if self.allowed_user.is_some() || self.allowed_network.is_some() {
             match self.allowed_user.as_deref() {
                 None | Some("") => {
@@ -304,21 +315,13 @@ impl Cli {
             .iter()
             .map(|c| c.parse().map_err(ConfigError::ConnectTo))
             .collect::<Result<_, _>>()?;
-        let scopes = if self.scopes.is_empty() {
-            file.authorized_scopes
-        } else {
-            Some(self.scopes.clone())
-        };
         Ok(Settings {
             listen,
             root_url,
             credentials,
+            shared,
             scopes,
-            task_id: self
-                .task_id
-                .clone()
-                .or(file.task_id)
-                .filter(|t| !t.is_empty()),
+            task_id,
             ca_file: self.ca_file.clone().or(file.ca_file),
             connect_to,
             state_file: file.state_file,
@@ -335,6 +338,104 @@ impl Cli {
             admission,
             warnings,
         })
+    }
+
+    /// The single-task credentials. Credentials are one unit: flags and environment
+    /// (combined per field, as in the Go proxy) when any of them is set, else the file.
+    fn credentials(
+        &self,
+        file: &ProxyConfig,
+        warnings: &mut Vec<String>,
+    ) -> Result<Credentials, ConfigError> {
+        // Mixing a token from the environment with a certificate from the file would sign
+        // with a mismatched set.
+        let none = None;
+        let from_cli = [
+            (&self.client_id, "TASKCLUSTER_CLIENT_ID"),
+            (&self.access_token, "TASKCLUSTER_ACCESS_TOKEN"),
+            (&self.certificate, "TASKCLUSTER_CERTIFICATE"),
+        ]
+        .iter()
+        .any(|(flag, var)| first_set(flag, var, &none).is_some());
+        let from_file = if from_cli {
+            RawCredentials::default()
+        } else {
+            file.credentials.clone()
+        };
+        let client_id = first_set(
+            &self.client_id,
+            "TASKCLUSTER_CLIENT_ID",
+            &from_file.client_id,
+        )
+        .ok_or(ConfigError::MissingClientId)?;
+        let access_token = first_set(
+            &self.access_token,
+            "TASKCLUSTER_ACCESS_TOKEN",
+            &from_file.access_token,
+        )
+        .ok_or(ConfigError::MissingAccessToken)?;
+        let certificate = first_set(
+            &self.certificate,
+            "TASKCLUSTER_CERTIFICATE",
+            &from_file.certificate,
+        );
+        if certificate.is_none() {
+            warnings.push("no certificate given: assuming permanent credentials".to_string());
+        }
+        if self.access_token.as_deref().is_some_and(|t| !t.is_empty()) {
+            warnings.push(
+                "--access-token is visible to every local user in the process list; \
+                 prefer TASKCLUSTER_ACCESS_TOKEN or a credentials file"
+                    .to_string(),
+            );
+        }
+        Credentials::new(&client_id, &access_token, certificate.as_deref())
+            .map_err(ConfigError::Credentials)
+    }
+
+    /// The admin API settings when shared mode is configured, checked for settings that
+    /// only make sense for a single task.
+    fn shared_settings(&self, file: &ProxyConfig) -> Result<Option<SharedSettings>, ConfigError> {
+        let admin_socket = self.admin_socket.clone().or(file.admin_socket.clone());
+        let admin_address = self.admin_address.or(file.admin_address);
+        let token_file = self
+            .admin_token_file
+            .clone()
+            .or(file.admin_token_file.clone());
+        if admin_socket.is_none() && admin_address.is_none() {
+            if token_file.is_some() {
+                return Err(ConfigError::Shared(
+                    "--admin-token-file needs --admin-socket or --admin-address".into(),
+                ));
+            }
+            return Ok(None);
+        }
+        let bad = |e: &str| Err(ConfigError::Shared(e.to_string()));
+        if admin_address.is_some() && token_file.is_none() {
+            return bad("--admin-address (admin_address) needs --admin-token-file (admin_token_file): a TCP admin API must require a token");
+        }
+        if !self.scopes.is_empty() || file.authorized_scopes.is_some() {
+            return bad("authorized scopes are per task (PUT /tasks/{taskId} \"authorizedScopes\"); remove the scopes from the command line or configuration");
+        }
+        if self.task_id.as_deref().is_some_and(|t| !t.is_empty()) || file.task_id.is_some() {
+            return bad(
+                "--task-id (task_id) does not apply: register each task through the admin API",
+            );
+        }
+        if !file.admin_listen.is_empty()
+            || file.credentials_endpoint != CredentialsEndpoint::TaskPort
+        {
+            return bad("admin_listen and credentials_endpoint are for single-task mode; tasks' credentials are rotated through the admin API");
+        }
+        let admin_token = token_file
+            .map(|path| AdminToken::from_file(&path))
+            .transpose()
+            .map_err(|e| ConfigError::Shared(e.to_string()))?;
+        Ok(Some(SharedSettings {
+            admin_socket,
+            admin_address,
+            admin_token,
+        }))
     }
 
     /// `--version` text: `Taskcluster proxy <ver>[ (git revision <rev>)]`.

@@ -75,6 +75,9 @@ struct Section {
     #[serde(default)]
     admin_listen: Vec<ListenEntry>,
     hostname_allowlist: Option<Vec<String>>,
+    admin_socket: Option<PathBuf>,
+    admin_address: Option<String>,
+    admin_token_file: Option<PathBuf>,
 }
 
 /// Where `PUT /credentials` is accepted.
@@ -189,6 +192,10 @@ pub struct ProxyConfig {
     pub credentials_endpoint: CredentialsEndpoint,
     pub admin_listen: Vec<Listener>,
     pub hostname_allowlist: Option<Vec<String>>,
+    /// Shared mode's admin API listeners and token.
+    pub admin_socket: Option<PathBuf>,
+    pub admin_address: Option<SocketAddr>,
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl ProxyConfig {
@@ -284,6 +291,16 @@ impl ProxyConfig {
             credentials_endpoint: section.credentials_endpoint,
             admin_listen,
             hostname_allowlist: section.hostname_allowlist,
+            admin_socket: section.admin_socket,
+            admin_address: section
+                .admin_address
+                .map(|a| {
+                    a.parse::<SocketAddr>().map_err(|_| {
+                        invalid(format!("{SECTION}.admin_address: {a:?} is not IP:PORT"))
+                    })
+                })
+                .transpose()?,
+            admin_token_file: section.admin_token_file,
         })
     }
 }

@@ -7,6 +7,7 @@
 //! hold the Pingora wiring.
 
 pub mod accesslog;
+pub mod admin;
 pub mod admission;
 pub mod cli;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
+pub mod registry;
 pub mod resolver;
 pub mod routing;
 pub mod scopes;
@@ -23,6 +25,7 @@ pub mod server;
 pub mod signing;
 pub mod state;
 pub mod task;
+pub mod tenancy;
 pub mod tls;
 pub mod url;
 

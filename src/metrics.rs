@@ -18,6 +18,7 @@ use prometheus::{
 
 use crate::credentials::CredentialStore;
 use crate::routing::RouteForm;
+use crate::tenancy::Tenancy;
 
 /// Route forms as metric labels, including the locally answered and failed ones.
 pub const FORMS: [&str; 6] = [
@@ -127,6 +128,8 @@ pub struct Metrics {
     pub rejected_too_many_connections: IntCounter,
     pub rejected_rate_limited: IntCounter,
     pub rejected_forbidden: IntCounter,
+    pub rejected_unknown_task: IntCounter,
+    pub tasks_registered: IntGauge,
     pub rotations: IntCounter,
     pub signing_errors: IntCounter,
     upstream_errors: Vec<IntCounter>,
@@ -251,6 +254,12 @@ impl Metrics {
                 .with_label_values(&["too_many_connections"]),
             rejected_rate_limited: rejected_requests.with_label_values(&["rate_limited"]),
             rejected_forbidden: rejected_requests.with_label_values(&["forbidden"]),
+            rejected_unknown_task: rejected_requests.with_label_values(&["unknown_task"]),
+            tasks_registered: gauge(
+                &registry,
+                "tasks_registered",
+                "Tasks registered in shared mode.",
+            ),
             rotations: counter(
                 &registry,
                 "credential_rotations_total",
@@ -307,10 +316,11 @@ impl Metrics {
         self.upstream_errors[kind.min(ERROR_KINDS.len() - 1)].inc();
     }
 
-    /// The exposition text, with the certificate expiry of `store` when it is temporary.
-    pub fn render(&self, store: &CredentialStore) -> String {
+    /// The exposition text, with the certificate expiry of `store` when it is temporary
+    /// (single-task mode; shared mode has one certificate per task).
+    pub fn render(&self, store: Option<&CredentialStore>) -> String {
         let mut families = self.registry.gather();
-        if let Some(expiry_ms) = store.current().certificate_expiry_ms() {
+        if let Some(expiry_ms) = store.and_then(|s| s.current().certificate_expiry_ms()) {
             let gauge = Gauge::new(
                 name("certificate_expiry_seconds"),
                 "Seconds until the temporary certificate expires (negative: expired).",
@@ -356,8 +366,8 @@ impl Drop for ConnectionGuard {
 }
 
 /// Why the proxy is not ready, if it is not.
-pub fn not_ready(store: &CredentialStore) -> Option<String> {
-    let expiry_ms = store.current().certificate_expiry_ms()?;
+pub fn not_ready(store: Option<&CredentialStore>) -> Option<String> {
+    let expiry_ms = store?.current().certificate_expiry_ms()?;
     let left = expiry_ms / 1000.0 - now_secs();
     (left <= 0.0).then(|| {
         format!(
@@ -369,7 +379,16 @@ pub fn not_ready(store: &CredentialStore) -> Option<String> {
 
 /// The side listener: `/metrics`, `/healthz`, `/readyz`.
 pub struct MetricsApp {
-    pub store: Arc<CredentialStore>,
+    pub tenancy: Tenancy,
+}
+
+impl MetricsApp {
+    fn store(&self) -> Option<&CredentialStore> {
+        match &self.tenancy {
+            Tenancy::Single(store) => Some(store),
+            Tenancy::Shared(_) => None,
+        }
+    }
 }
 
 #[async_trait]
@@ -387,10 +406,10 @@ impl ServeHttp for MetricsApp {
             "/metrics" => (
                 StatusCode::OK,
                 "text/plain; version=0.0.4",
-                METRICS.render(&self.store),
+                METRICS.render(self.store()),
             ),
             "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-            "/readyz" => match not_ready(&self.store) {
+            "/readyz" => match not_ready(self.store()) {
                 None => (StatusCode::OK, "text/plain", "ready\n".to_string()),
                 Some(why) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", why + "\n"),
             },
@@ -435,20 +454,20 @@ mod tests {
         m.request(l, 204, 1, 2);
         m.request(l, 0, 0, 0);
         let perm = CredentialStore::new(&Credentials::new("c", "t", None).unwrap(), None);
-        let text = m.render(&perm);
+        let text = m.render(Some(&perm));
         assert!(text.contains(
             r#"taskcluster_proxy_requests_total{form="api",method="PUT",service="auth",status="2xx"} 2"#
         ), "{text}");
         assert!(text.contains(r#"status="none"} 1"#));
         assert!(text.contains(r#"taskcluster_proxy_request_bytes_total{form="api"} 11"#));
         assert!(!text.contains("certificate_expiry_seconds"));
-        assert!(not_ready(&perm).is_none());
+        assert!(not_ready(Some(&perm)).is_none());
 
         let cert = r#"{"version":1,"scopes":[],"start":0,"expiry":1000,"seed":"JYR4wzMCTG6XeDS2cDUCMwH0RFUXGfQjK7LgqD-e6lSQ","signature":"s"}"#;
         let temp = CredentialStore::new(&Credentials::new("c", "t", Some(cert)).unwrap(), None);
         assert!(m
-            .render(&temp)
+            .render(Some(&temp))
             .contains("taskcluster_proxy_certificate_expiry_seconds -"));
-        assert!(not_ready(&temp).unwrap().contains("expired"));
+        assert!(not_ready(Some(&temp)).unwrap().contains("expired"));
     }
 }

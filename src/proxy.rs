@@ -22,11 +22,13 @@ use crate::endpoints::{self, MAX_BODY};
 use crate::limits::{DownstreamTimeouts, Limits, RateLimiter, RetryPolicy};
 use crate::metrics::{ConnectionGuard, Form, Labels, METRICS};
 use crate::policy::HostAllowlist;
+use crate::registry::{self, Caller, TaskEntry};
 use crate::resolver::Resolver;
 use crate::routing::{self, Dispatch, Route};
 use crate::scopes;
 use crate::signing::{self, Target};
 use crate::state::StateFile;
+use crate::tenancy::Tenancy;
 use crate::url::{Origin, RootUrl};
 
 /// Timeouts applied to every upstream connection.
@@ -87,7 +89,8 @@ impl Upstreams {
 /// Shared state of the proxy service.
 pub struct TaskclusterProxy {
     pub root_url: RootUrl,
-    pub credentials: Arc<CredentialStore>,
+    /// One task's credentials, or the shared-mode task registry.
+    pub tenancy: Tenancy,
     pub upstreams: Arc<Upstreams>,
     /// Where rotations are recorded for a process taking over in an upgrade.
     pub state: Option<Arc<StateFile>>,
@@ -117,9 +120,20 @@ pub enum Role {
     Admin,
 }
 
+/// State of one task connection, carried across its keep-alive requests.
+#[derive(Clone)]
+struct ConnectionState {
+    /// Keeps the connection counted while it is open.
+    _guard: Arc<ConnectionGuard>,
+    /// The peer's OS uid once looked up (shared mode, uid-bound tasks).
+    peer_uid: Option<Option<u32>>,
+}
+
 /// Per-request state.
 pub struct RequestCtx {
     route: Option<Route>,
+    /// Shared mode: the task this request belongs to.
+    task: Option<Arc<TaskEntry>>,
     /// The credentials this request was signed with (or answered under).
     identity: Option<Arc<Identity>>,
     labels: Labels,
@@ -129,8 +143,8 @@ pub struct RequestCtx {
     upstream_reused: Option<bool>,
     attempts: u32,
     in_flight: bool,
-    /// Keeps this task connection counted while it is open (carried across keep-alive).
-    connection: Option<Arc<ConnectionGuard>>,
+    /// Carried across keep-alive requests of one connection.
+    connection: Option<ConnectionState>,
     /// `X-Taskcluster-Authorized-Scopes` as sent (checked in `request_filter`, re-checked
     /// and signed per attempt against the credentials current at that moment).
     narrow: Option<Vec<u8>>,
@@ -144,14 +158,66 @@ impl RequestCtx {
     }
 }
 
-fn add_identity_headers(resp: &mut ResponseHeader, identity: &Identity) -> Result<()> {
-    for (name, value) in &identity.headers().list {
+/// Describes the credentials in the response; nothing when the request was not attributed
+/// to a task (shared mode), so a stranger learns nobody's client id.
+fn add_identity_headers(resp: &mut ResponseHeader, identity: Option<&Identity>) -> Result<()> {
+    for (name, value) in identity.iter().flat_map(|i| &i.headers().list) {
         resp.insert_header(*name, value.clone())?;
     }
     Ok(())
 }
 
 impl TaskclusterProxy {
+    /// The credentials a request is signed with: the process's, or its task's.
+    fn store<'a>(&'a self, ctx: &'a RequestCtx) -> Option<&'a CredentialStore> {
+        match &self.tenancy {
+            Tenancy::Single(store) => Some(store),
+            Tenancy::Shared(_) => ctx.task.as_ref().map(|t| &t.store),
+        }
+    }
+
+    fn current_identity(&self, ctx: &RequestCtx) -> Option<Arc<Identity>> {
+        self.store(ctx).map(CredentialStore::current)
+    }
+
+    /// The task a shared-mode request belongs to (token prefix, caller uid or address), and
+    /// the offset of the path after the `/_task/<token>` prefix.
+    async fn identify_task(
+        &self,
+        registry: &registry::Registry,
+        session: &Session,
+        ctx: &mut RequestCtx,
+    ) -> std::result::Result<(Arc<TaskEntry>, usize), registry::Unidentified> {
+        let raw = session.req_header().raw_path();
+        let (token, offset) = match registry::split_task_prefix(raw) {
+            Some((token, rest)) => (Some(token), raw.len() - rest.len()),
+            None => (None, 0),
+        };
+        let needs_uid = match token {
+            Some(token) => registry
+                .by_token(token)
+                .is_some_and(|e| e.binding.uid.is_some()),
+            None => registry.has_uid_bindings(),
+        };
+        let uid = match ctx.connection.as_ref().and_then(|c| c.peer_uid) {
+            Some(known) => known,
+            None if needs_uid => {
+                let uid = caller_uid(session).await;
+                if let Some(connection) = ctx.connection.as_mut() {
+                    connection.peer_uid = Some(uid);
+                }
+                uid
+            }
+            None => None,
+        };
+        let ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip().to_canonical());
+        let entry = registry.identify(token, &Caller { uid, ip })?;
+        Ok((entry, offset))
+    }
+
     /// The limit a request breaks, if any: status, the counter to bump, and the message.
     fn over_limit(
         &self,
@@ -217,7 +283,7 @@ impl TaskclusterProxy {
     async fn respond(
         &self,
         session: &mut Session,
-        identity: &Identity,
+        identity: Option<&Identity>,
         status: u16,
         extra: &[(&'static str, HeaderValue)],
         body: Bytes,
@@ -263,9 +329,10 @@ impl TaskclusterProxy {
     }
 
     async fn handle_bewit(&self, session: &mut Session, identity: &Identity) -> Result<()> {
+        let id = Some(identity);
         let Some(body) = Self::read_small_body(session, MAX_BODY).await? else {
             let msg = format!("bewit: request body larger than {MAX_BODY} bytes");
-            return self.respond(session, identity, 413, &[], msg.into()).await;
+            return self.respond(session, id, 413, &[], msg.into()).await;
         };
         let signed = endpoints::signed_url(identity, &body, signing::unix_now()).and_then(|url| {
             HeaderValue::from_str(&url)
@@ -274,23 +341,23 @@ impl TaskclusterProxy {
         });
         match signed {
             Ok((url, location)) => {
-                self.respond(
-                    session,
-                    identity,
-                    303,
-                    &[("Location", location)],
-                    url.into(),
-                )
-                .await
+                self.respond(session, id, 303, &[("Location", location)], url.into())
+                    .await
             }
             Err(e) => {
-                self.respond(session, identity, 400, &[], e.to_string().into())
+                self.respond(session, id, 400, &[], e.to_string().into())
                     .await
             }
         }
     }
 
-    async fn handle_credentials(&self, session: &mut Session, identity: &Identity) -> Result<()> {
+    async fn handle_credentials(
+        &self,
+        session: &mut Session,
+        store: &CredentialStore,
+        identity: &Identity,
+    ) -> Result<()> {
+        let identity = Some(identity);
         if session.req_header().method != http::Method::PUT {
             let allow = [("Allow", HeaderValue::from_static("PUT"))];
             let msg = "credentials: only PUT is allowed";
@@ -314,7 +381,7 @@ impl TaskclusterProxy {
         // Recorded before it takes effect: a 200 promises the rotation survives an upgrade.
         if let Some(state) = &self.state {
             let (state, creds) = (state.clone(), credentials.clone());
-            let scopes = self.credentials.authorized_scopes();
+            let scopes = store.authorized_scopes();
             let persisted =
                 tokio::task::spawn_blocking(move || state.persist(&creds, scopes.as_deref())).await;
             let failure = match persisted {
@@ -329,7 +396,7 @@ impl TaskclusterProxy {
                 return self.respond(session, identity, 500, &[], msg.into()).await;
             }
         }
-        self.credentials.rotate(&credentials);
+        store.rotate(&credentials);
         self.respond(session, identity, 200, &[], Bytes::new())
             .await
     }
@@ -384,6 +451,7 @@ impl ProxyHttp for TaskclusterProxy {
     fn new_ctx(&self) -> Self::CTX {
         RequestCtx {
             route: None,
+            task: None,
             identity: None,
             labels: Labels::default(),
             start: Instant::now(),
@@ -403,8 +471,8 @@ impl ProxyHttp for TaskclusterProxy {
         ctx: &mut Self::CTX,
         prev_ctx: Box<dyn Any + Send + Sync>,
     ) {
-        if let Ok(guard) = prev_ctx.downcast::<Arc<ConnectionGuard>>() {
-            ctx.connection = Some(*guard);
+        if let Ok(state) = prev_ctx.downcast::<ConnectionState>() {
+            ctx.connection = Some(*state);
         }
     }
 
@@ -415,7 +483,7 @@ impl ProxyHttp for TaskclusterProxy {
     ) -> Option<Box<dyn Any + Send + Sync>> {
         ctx.connection
             .clone()
-            .map(|guard| Box::new(guard) as Box<dyn Any + Send + Sync>)
+            .map(|state| Box::new(state) as Box<dyn Any + Send + Sync>)
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
@@ -443,13 +511,16 @@ impl ProxyHttp for TaskclusterProxy {
         }
         let new_connection = ctx.connection.is_none();
         if new_connection {
-            ctx.connection = Some(ConnectionGuard::new());
+            ctx.connection = Some(ConnectionState {
+                _guard: ConnectionGuard::new(),
+                peer_uid: None,
+            });
         }
         METRICS.in_flight.inc();
         ctx.in_flight = true;
         if let Some((status, counter, msg)) = self.over_limit(session, new_connection) {
             counter.inc();
-            let identity = self.credentials.current();
+            let identity = self.current_identity(ctx);
             let extra: &[(&'static str, HeaderValue)] = if status == 429 {
                 &[("Retry-After", HeaderValue::from_static("1"))]
             } else {
@@ -458,25 +529,51 @@ impl ProxyHttp for TaskclusterProxy {
             if status == 503 || status == 431 || status == 414 {
                 session.set_keepalive(None);
             }
-            self.respond(session, &identity, status, extra, msg.into())
+            self.respond(session, identity.as_deref(), status, extra, msg.into())
                 .await?;
-            ctx.identity = Some(identity);
+            ctx.identity = identity;
             return Ok(true);
         }
         if !session.req_header().raw_path().starts_with(b"/") {
             // Absolute-form (`GET http://host/`), authority-form (`CONNECT host:443`),
             // asterisk-form and slash-less targets (`GET evil.example/x`, which routing would
             // otherwise take for `/evil.example/x`) are not requests for this proxy.
-            let identity = self.credentials.current();
+            let identity = self.current_identity(ctx);
             session.set_keepalive(None);
             let msg = "taskcluster-proxy: the request-target must be a path starting with /";
-            self.respond(session, &identity, 400, &[], msg.into())
+            self.respond(session, identity.as_deref(), 400, &[], msg.into())
+                .await?;
+            ctx.identity = identity;
+            return Ok(true);
+        }
+        let mut offset = 0;
+        if let Tenancy::Shared(registry) = &self.tenancy {
+            match self.identify_task(registry, session, ctx).await {
+                Ok((entry, path_offset)) => {
+                    ctx.task = Some(entry);
+                    offset = path_offset;
+                }
+                Err(e) => {
+                    METRICS.rejected_unknown_task.inc();
+                    self.respond(session, None, 403, &[], e.to_string().into())
+                        .await?;
+                    return Ok(true);
+                }
+            }
+        }
+        let Some(store) = self.store(ctx) else {
+            return Err(Error::explain(ErrorType::InternalError, "no credentials"));
+        };
+        let identity = store.current();
+        let path = &session.req_header().raw_path()[offset..];
+        if !path.starts_with(b"/") {
+            let msg = "taskcluster-proxy: expected /_task/<token>/<path>";
+            self.respond(session, Some(&identity), 404, &[], msg.into())
                 .await?;
             ctx.identity = Some(identity);
             return Ok(true);
         }
-        let dispatch = routing::dispatch(&self.root_url.base_path, session.req_header().raw_path());
-        let identity = self.credentials.current();
+        let dispatch = routing::dispatch(&self.root_url.base_path, path);
         let method = session.req_header().method.as_str();
         ctx.labels = match &dispatch {
             Ok(Dispatch::Proxy(route)) => Labels::new(route.form.into(), route.service(), method),
@@ -484,6 +581,7 @@ impl ProxyHttp for TaskclusterProxy {
             Ok(Dispatch::Credentials) => Labels::new(Form::Credentials, None, method),
             Err(_) => Labels::new(Form::Invalid, None, method),
         };
+        let id = Some(&*identity);
         match dispatch {
             Ok(Dispatch::Credentials)
                 if self.role == Role::Task
@@ -491,8 +589,7 @@ impl ProxyHttp for TaskclusterProxy {
             {
                 METRICS.rejected_forbidden.inc();
                 let msg = "credentials: rotation is only accepted on the admin listener";
-                self.respond(session, &identity, 403, &[], msg.into())
-                    .await?
+                self.respond(session, id, 403, &[], msg.into()).await?
             }
             Ok(Dispatch::Credentials)
                 if self.role == Role::Task
@@ -501,14 +598,22 @@ impl ProxyHttp for TaskclusterProxy {
             {
                 METRICS.rejected_forbidden.inc();
                 let msg = "credentials: only root may rotate credentials";
-                self.respond(session, &identity, 403, &[], msg.into())
-                    .await?
+                self.respond(session, id, 403, &[], msg.into()).await?
             }
-            Ok(Dispatch::Credentials) => self.handle_credentials(session, &identity).await?,
+            Ok(Dispatch::Credentials) => match &self.tenancy {
+                Tenancy::Single(store) => {
+                    self.handle_credentials(session, store, &identity).await?
+                }
+                Tenancy::Shared(_) => {
+                    METRICS.rejected_forbidden.inc();
+                    let msg = "credentials: in shared mode each task's credentials are rotated \
+                               through the admin API (PUT /tasks/{taskId}/credentials)";
+                    self.respond(session, id, 403, &[], msg.into()).await?
+                }
+            },
             _ if self.role == Role::Admin => {
                 let msg = "admin listener: only PUT /credentials is served here";
-                self.respond(session, &identity, 404, &[], msg.into())
-                    .await?
+                self.respond(session, id, 404, &[], msg.into()).await?
             }
             Ok(Dispatch::Proxy(route)) => {
                 let refused = route.host.as_ref().filter(|host| {
@@ -523,8 +628,7 @@ impl ProxyHttp for TaskclusterProxy {
                         "taskcluster-proxy: hostname-form requests to {} are not allowed (hostname_allowlist)",
                         host.host
                     );
-                    self.respond(session, &identity, 403, &[], msg.into())
-                        .await?;
+                    self.respond(session, id, 403, &[], msg.into()).await?;
                 } else {
                     // Per-request scope narrowing: refused here (400 malformed, 403 not
                     // held) before anything reaches the upstream.
@@ -545,7 +649,7 @@ impl ProxyHttp for TaskclusterProxy {
                         }
                         Err(e) => {
                             let msg = e.to_string();
-                            self.respond(session, &identity, e.status(), &[], msg.into())
+                            self.respond(session, id, e.status(), &[], msg.into())
                                 .await?;
                         }
                     }
@@ -553,7 +657,7 @@ impl ProxyHttp for TaskclusterProxy {
             }
             Ok(Dispatch::Bewit) => self.handle_bewit(session, &identity).await?,
             Err(e) => {
-                self.respond(session, &identity, 404, &[], e.to_string().into())
+                self.respond(session, id, 404, &[], e.to_string().into())
                     .await?
             }
         }
@@ -604,7 +708,9 @@ impl ProxyHttp for TaskclusterProxy {
         upstream_request.remove_header("Forwarded");
 
         // Signed per attempt with the credentials current at that moment.
-        let identity = self.credentials.current();
+        let identity = self
+            .current_identity(ctx)
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no credentials"))?;
         let method = upstream_request.method.as_str();
         let upper;
         let method = if method.bytes().any(|b| b.is_ascii_lowercase()) {
@@ -728,7 +834,7 @@ impl ProxyHttp for TaskclusterProxy {
             form: ctx.labels.form(),
             service: ctx.labels.service(),
             upstream: &upstream,
-            path: &redact_bewit(&path),
+            path: &redact_target(&path),
             status,
             bytes_in,
             bytes_out,
@@ -736,6 +842,7 @@ impl ProxyHttp for TaskclusterProxy {
             upstream_reused: ctx.upstream_reused,
             retries: ctx.attempts.saturating_sub(1),
             client: &client,
+            task: ctx.task.as_ref().map(|t| t.task_id.as_str()),
         };
         if let Some(line) = record.line(self.access_log) {
             log::info!(target: accesslog::TARGET, "{line}");
@@ -748,12 +855,9 @@ impl ProxyHttp for TaskclusterProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        let identity = match &ctx.identity {
-            Some(identity) => identity.clone(),
-            None => self.credentials.current(),
-        };
+        let identity = ctx.identity.clone().or_else(|| self.current_identity(ctx));
         // Ours overwrite any same-named upstream headers.
-        add_identity_headers(upstream_response, &identity)?;
+        add_identity_headers(upstream_response, identity.as_deref())?;
         if let Some(narrowed) = &ctx.narrowed_scopes {
             let value = serde_json::Value::from(narrowed.clone()).to_string();
             if let Ok(value) = HeaderValue::from_str(&value) {
@@ -824,7 +928,7 @@ impl ProxyHttp for TaskclusterProxy {
     fn request_summary(&self, session: &Session, _ctx: &Self::CTX) -> String {
         let req = session.req_header();
         let target = String::from_utf8_lossy(req.raw_path());
-        format!("{} {}", req.method, redact_bewit(&target))
+        format!("{} {}", req.method, redact_target(&target))
     }
 
     async fn fail_to_proxy(
@@ -858,9 +962,9 @@ impl ProxyHttp for TaskclusterProxy {
                 ErrorType::HTTPStatus(_) => format!("taskcluster-proxy: HTTP {code}\n"),
                 _ => format!("taskcluster-proxy: {reason} {host}\n"),
             };
-            let identity = self.credentials.current();
+            let identity = ctx.identity.clone().or_else(|| self.current_identity(ctx));
             if let Err(write_err) = self
-                .respond(session, &identity, code, &[], body.into())
+                .respond(session, identity.as_deref(), code, &[], body.into())
                 .await
             {
                 log::debug!("failed to send error response: {write_err}");
@@ -871,6 +975,11 @@ impl ProxyHttp for TaskclusterProxy {
             can_reuse_downstream: false,
         }
     }
+}
+
+/// A request-target fit for logs: the shared-mode task token and bewits redacted.
+pub fn redact_target(target: &str) -> String {
+    redact_bewit(&registry::redact_task_token(target)).into_owned()
 }
 
 /// Replaces the value of every `bewit=` query parameter with `REDACTED`.

@@ -13,16 +13,19 @@ use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
 use pingora_proxy::http_proxy_service;
 
+use crate::admin::AdminApp;
 use crate::cli::{Cli, ConfigError, Settings};
 use crate::config::Listener;
-use crate::credentials::{CredentialStore, Identity};
+use crate::credentials::{CredentialStore, Credentials, Identity};
 use crate::limits::RateLimiter;
 use crate::metrics::MetricsApp;
 use crate::policy::HostAllowlist;
 use crate::proxy::{Role, TaskclusterProxy, Upstreams};
+use crate::registry::Registry;
 use crate::resolver::{Resolver, DEFAULT_TTL};
-use crate::state::{StateFile, StateWatcher};
+use crate::state::{StateFile, StateWatcher, Stored};
 use crate::task::fetch_task_scopes;
+use crate::tenancy::Tenancy;
 use crate::tls::{self, CaError};
 
 /// Why the proxy could not start; `Display` is the message printed before exiting 1.
@@ -119,8 +122,8 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
     });
 
     let mut scopes = settings.scopes.clone();
-    if let Some(task_id) = &settings.task_id {
-        let identity = Identity::new(&settings.credentials, None);
+    if let (Some(task_id), Some(credentials)) = (&settings.task_id, &settings.credentials) {
+        let identity = Identity::new(credentials, None);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -143,12 +146,15 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
         ensure_listeners_free(&settings.admin_listen)?;
     }
     let state = state_path(&cli, &settings, &conf).map(|p| Arc::new(StateFile::new(p)));
-    let credentials = Arc::new(initial_credentials(
-        &cli,
-        &settings,
-        scopes,
-        state.as_deref(),
-    )?);
+    let tenancy = match &settings.credentials {
+        Some(credentials) => Tenancy::Single(Arc::new(initial_credentials(
+            &cli,
+            credentials,
+            scopes,
+            state.as_deref(),
+        )?)),
+        None => Tenancy::Shared(Arc::new(initial_registry(&cli, state.as_deref())?)),
+    };
 
     let opt = Opt {
         upgrade: cli.upgrade,
@@ -172,7 +178,7 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
     let admission = settings.admission.clone().map(Arc::new);
     let make_proxy = |role| TaskclusterProxy {
         root_url: settings.root_url.clone(),
-        credentials: credentials.clone(),
+        tenancy: tenancy.clone(),
         upstreams: upstreams.clone(),
         state: state.clone(),
         rotation: rotation.clone(),
@@ -204,6 +210,34 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
             }
         );
     }
+    if let (Some(shared), Tenancy::Shared(registry)) = (&settings.shared, &tenancy) {
+        let mut admin = Service::new(
+            "admin API".to_string(),
+            AdminApp {
+                registry: registry.clone(),
+                state: state.clone(),
+                token: shared.admin_token.clone(),
+            },
+        );
+        let mut listeners = Vec::new();
+        if let Some(path) = &shared.admin_socket {
+            listeners.push(Listener::Unix(path.clone(), Some(0o600)));
+        }
+        if let Some(addr) = shared.admin_address {
+            listeners.push(Listener::Tcp(addr));
+        }
+        add_listeners(&mut admin, &listeners, "task admin API");
+        log::info!(
+            "shared mode: {} tasks registered{}",
+            registry.len(),
+            if shared.admin_token.is_some() {
+                "; admin requests need the bearer token"
+            } else {
+                ""
+            }
+        );
+        server.add_service(admin);
+    }
     if !settings.admin_listen.is_empty() {
         let mut admin = http_proxy_service(&server.configuration, make_proxy(Role::Admin));
         add_listeners(&mut admin, &settings.admin_listen, "PUT /credentials");
@@ -219,7 +253,7 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
         let mut metrics = Service::new(
             "metrics".to_string(),
             MetricsApp {
-                store: credentials.clone(),
+                tenancy: tenancy.clone(),
             },
         );
         metrics.add_tcp(&addr.to_string());
@@ -230,10 +264,7 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
         log::info!("state hand-over file: {}", state.path().display());
         server.add_service(background_service(
             "state watcher",
-            StateWatcher {
-                state,
-                store: credentials,
-            },
+            StateWatcher { state, tenancy },
         ));
     }
     server.run_forever()
@@ -288,16 +319,16 @@ fn ensure_listeners_free(listeners: &[Listener]) -> Result<(), StartError> {
 /// handed over; otherwise the configured ones, recorded as the new state.
 fn initial_credentials(
     cli: &Cli,
-    settings: &Settings,
+    configured: &Credentials,
     scopes: Option<Vec<String>>,
     state: Option<&StateFile>,
 ) -> Result<CredentialStore, StartError> {
     let Some(state) = state else {
-        return Ok(CredentialStore::new(&settings.credentials, scopes));
+        return Ok(CredentialStore::new(configured, scopes));
     };
     if cli.upgrade {
         match state.load() {
-            Ok(Some((credentials, scopes))) => {
+            Ok(Some(Stored::Single((credentials, scopes)))) => {
                 log::info!(
                     "taking over credentials of clientId {} from {}",
                     credentials.client_id,
@@ -305,6 +336,10 @@ fn initial_credentials(
                 );
                 return Ok(CredentialStore::new(&credentials, scopes));
             }
+            Ok(Some(Stored::Shared(_))) => log::warn!(
+                "{} holds a shared-mode task registry: using the configured credentials",
+                state.path().display()
+            ),
             Ok(None) => log::warn!(
                 "upgrade without a state file at {}: using the configured credentials",
                 state.path().display()
@@ -313,7 +348,42 @@ fn initial_credentials(
         }
     }
     state
-        .persist(&settings.credentials, scopes.as_deref())
+        .persist(configured, scopes.as_deref())
         .map_err(|e| StartError::Server(e.to_string()))?;
-    Ok(CredentialStore::new(&settings.credentials, scopes))
+    Ok(CredentialStore::new(configured, scopes))
+}
+
+/// The task registry to start shared mode with: when taking over from a running process,
+/// the one it handed over; otherwise empty, recorded as the new state.
+fn initial_registry(cli: &Cli, state: Option<&StateFile>) -> Result<Registry, StartError> {
+    let registry = Registry::new();
+    let Some(state) = state else {
+        return Ok(registry);
+    };
+    if cli.upgrade {
+        match state.load() {
+            Ok(Some(Stored::Shared(tasks))) => {
+                registry.adopt(tasks);
+                log::info!(
+                    "taking over {} registered tasks from {}",
+                    registry.len(),
+                    state.path().display()
+                );
+                return Ok(registry);
+            }
+            Ok(Some(Stored::Single(_))) => log::warn!(
+                "{} holds single-task credentials: starting with no tasks",
+                state.path().display()
+            ),
+            Ok(None) => log::warn!(
+                "upgrade without a state file at {}: starting with no tasks",
+                state.path().display()
+            ),
+            Err(e) => log::error!("{e}; starting with no tasks"),
+        }
+    }
+    state
+        .persist_tasks(Vec::new())
+        .map_err(|e| StartError::Server(e.to_string()))?;
+    Ok(registry)
 }

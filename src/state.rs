@@ -1,5 +1,5 @@
 //! Runtime state that must survive a zero-downtime upgrade: the credentials rotated in with
-//! `PUT /credentials` and the authorized scopes (later also the task registry).
+//! `PUT /credentials` and the authorized scopes, or, in shared mode, the task registry.
 //!
 //! Every rotation is first written, atomically and mode 0600, to a state file with a
 //! generation number one above anything written before (under an advisory lock, so two
@@ -22,7 +22,8 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
 
-use crate::credentials::{CredentialStore, Credentials};
+use crate::credentials::{Credentials, CredentialsError};
+use crate::registry::StoredTask;
 
 /// How often each process looks for a newer state.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
@@ -48,13 +49,34 @@ impl fmt::Display for StateError {
 
 impl std::error::Error for StateError {}
 
-#[derive(Serialize, Deserialize)]
+/// Credentials as written to the state file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct StoredCredentials {
+pub struct StoredCredentials {
     client_id: String,
     access_token: String,
     #[serde(default)]
     certificate: Option<String>,
+}
+
+impl From<&Credentials> for StoredCredentials {
+    fn from(credentials: &Credentials) -> Self {
+        StoredCredentials {
+            client_id: credentials.client_id.clone(),
+            access_token: credentials.access_token().to_string(),
+            certificate: credentials.certificate.as_ref().map(|c| c.to_json_string()),
+        }
+    }
+}
+
+impl StoredCredentials {
+    pub fn to_credentials(&self) -> Result<Credentials, CredentialsError> {
+        Credentials::new(
+            &self.client_id,
+            &self.access_token,
+            self.certificate.as_deref(),
+        )
+    }
 }
 
 #[derive(Serialize, Deserialize)]
@@ -62,12 +84,15 @@ struct StoredCredentials {
 struct Document {
     format: u32,
     generation: u64,
-    credentials: StoredCredentials,
-    /// `null` = no restriction, `[]` = restricted to nothing.
-    authorized_scopes: Option<Vec<String>>,
-    /// Reserved for the multi-tenant task registry.
+    /// The single-task credentials; absent in shared mode.
     #[serde(default)]
-    tasks: serde_json::Value,
+    credentials: Option<StoredCredentials>,
+    /// `null` = no restriction, `[]` = restricted to nothing.
+    #[serde(default)]
+    authorized_scopes: Option<Vec<String>>,
+    /// The task registry of shared mode.
+    #[serde(default)]
+    tasks: Option<Vec<StoredTask>>,
 }
 
 /// Identity of a file version, to notice replacement without reading it.
@@ -87,6 +112,13 @@ pub struct StateFile {
 
 /// Credentials and scopes as stored.
 pub type Snapshot = (Credentials, Option<Vec<String>>);
+
+/// What a state file holds: one task's credentials, or the shared-mode registry.
+#[derive(Debug, PartialEq)]
+pub enum Stored {
+    Single(Snapshot),
+    Shared(Vec<StoredTask>),
+}
 
 impl StateFile {
     pub fn new(path: PathBuf) -> Self {
@@ -152,28 +184,52 @@ impl StateFile {
         Ok(Some((doc, stamp)))
     }
 
-    fn snapshot(&self, doc: Document) -> Result<Snapshot, StateError> {
-        let c = doc.credentials;
-        let credentials = Credentials::new(&c.client_id, &c.access_token, c.certificate.as_deref())
-            .map_err(|e| StateError::Corrupt(self.name(), e.to_string()))?;
-        Ok((credentials, doc.authorized_scopes))
+    fn stored(&self, doc: Document) -> Result<Stored, StateError> {
+        let corrupt = |e: String| StateError::Corrupt(self.name(), e);
+        match (doc.credentials, doc.tasks) {
+            (Some(c), None) => {
+                let credentials = c.to_credentials().map_err(|e| corrupt(e.to_string()))?;
+                Ok(Stored::Single((credentials, doc.authorized_scopes)))
+            }
+            (None, Some(tasks)) => Ok(Stored::Shared(tasks)),
+            _ => Err(corrupt("holds neither credentials nor tasks".into())),
+        }
     }
 
     /// Loads the stored state (used when taking over from a running process).
-    pub fn load(&self) -> Result<Option<Snapshot>, StateError> {
+    pub fn load(&self) -> Result<Option<Stored>, StateError> {
         let Some((doc, stamp)) = self.read()? else {
             return Ok(None);
         };
         self.generation.store(doc.generation, Ordering::SeqCst);
         *self.last_seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(stamp);
-        self.snapshot(doc).map(Some)
+        self.stored(doc).map(Some)
     }
 
-    /// Writes a new generation. Blocking file I/O: call off the async runtime.
+    /// Records single-task credentials as a new generation. Blocking file I/O: call off the
+    /// async runtime.
     pub fn persist(
         &self,
         credentials: &Credentials,
         authorized_scopes: Option<&[String]>,
+    ) -> Result<u64, StateError> {
+        self.write(
+            Some(StoredCredentials::from(credentials)),
+            authorized_scopes.map(<[String]>::to_vec),
+            None,
+        )
+    }
+
+    /// Records the shared-mode registry as a new generation. Blocking file I/O.
+    pub fn persist_tasks(&self, tasks: Vec<StoredTask>) -> Result<u64, StateError> {
+        self.write(None, None, Some(tasks))
+    }
+
+    fn write(
+        &self,
+        credentials: Option<StoredCredentials>,
+        authorized_scopes: Option<Vec<String>>,
+        tasks: Option<Vec<StoredTask>>,
     ) -> Result<u64, StateError> {
         let io = |e| StateError::Io(self.name(), e);
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -198,13 +254,9 @@ impl StateFile {
         let doc = Document {
             format: FORMAT,
             generation,
-            credentials: StoredCredentials {
-                client_id: credentials.client_id.clone(),
-                access_token: credentials.access_token().to_string(),
-                certificate: credentials.certificate.as_ref().map(|c| c.to_json_string()),
-            },
-            authorized_scopes: authorized_scopes.map(<[String]>::to_vec),
-            tasks: serde_json::Value::Null,
+            credentials,
+            authorized_scopes,
+            tasks,
         };
         let json = serde_json::to_vec(&doc).expect("state serialises");
         let tmp = self
@@ -248,12 +300,12 @@ impl StateFile {
         Ok(file)
     }
 
-    /// Adopts the file's state if another process wrote a newer generation.
-    /// Returns whether the credentials changed. Blocking file I/O.
-    pub fn poll(&self, store: &CredentialStore) -> Result<bool, StateError> {
+    /// The file's state if another process wrote a newer generation since this process last
+    /// read or wrote it. Blocking file I/O.
+    pub fn poll(&self) -> Result<Option<Stored>, StateError> {
         let meta = match std::fs::symlink_metadata(&self.path) {
             Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StateError::Io(self.name(), e)),
         };
         let stamp = Stamp {
@@ -263,28 +315,27 @@ impl StateFile {
         };
         let mut last_seen = self.last_seen.lock().unwrap_or_else(|e| e.into_inner());
         if *last_seen == Some(stamp) {
-            return Ok(false);
+            return Ok(None);
         }
         let Some((doc, stamp)) = self.read()? else {
-            return Ok(false);
+            return Ok(None);
         };
         *last_seen = Some(stamp);
         if doc.generation <= self.generation.load(Ordering::SeqCst) {
-            return Ok(false);
+            return Ok(None);
         }
         let generation = doc.generation;
-        let (credentials, scopes) = self.snapshot(doc)?;
+        let stored = self.stored(doc)?;
         self.generation.store(generation, Ordering::SeqCst);
         log::info!("adopting state generation {generation} written by another process");
-        store.replace(&credentials, scopes);
-        Ok(true)
+        Ok(Some(stored))
     }
 }
 
 /// Background service polling the state file.
 pub struct StateWatcher {
     pub state: Arc<StateFile>,
-    pub store: Arc<CredentialStore>,
+    pub tenancy: crate::tenancy::Tenancy,
 }
 
 #[async_trait]
@@ -296,9 +347,14 @@ impl BackgroundService for StateWatcher {
                 _ = tokio::time::sleep(POLL_INTERVAL) => {}
                 _ = shutdown.changed() => return,
             }
-            let (state, store) = (self.state.clone(), self.store.clone());
-            match tokio::task::spawn_blocking(move || state.poll(&store)).await {
-                Ok(Ok(_)) => complained = false,
+            let state = self.state.clone();
+            match tokio::task::spawn_blocking(move || state.poll()).await {
+                Ok(Ok(stored)) => {
+                    complained = false;
+                    if let Some(stored) = stored {
+                        self.tenancy.adopt(stored).await;
+                    }
+                }
                 Ok(Err(e)) if !complained => {
                     log::error!("{e}");
                     complained = true;
@@ -319,6 +375,14 @@ mod tests {
         dir.join("state.json")
     }
 
+    fn single(stored: Option<Stored>) -> Option<Snapshot> {
+        match stored {
+            Some(Stored::Single(snapshot)) => Some(snapshot),
+            None => None,
+            Some(other) => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn persist_load_and_adopt_across_handles() {
         let path = temp_path("adopt");
@@ -331,26 +395,41 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().mode() & 0o777;
         assert_eq!(mode, 0o600);
 
-        let (creds, scopes) = b.load().unwrap().unwrap();
+        let (creds, scopes) = single(b.load().unwrap()).unwrap();
         assert_eq!(creds, one);
         assert_eq!(scopes, Some(vec![]));
 
-        let store_b = CredentialStore::new(&creds, scopes);
-        assert!(!b.poll(&store_b).unwrap(), "nothing new yet");
+        assert_eq!(b.poll().unwrap(), None, "nothing new yet");
         assert_eq!(a.persist(&two, Some(&[])).unwrap(), 2);
-        assert!(b.poll(&store_b).unwrap());
-        assert_eq!(store_b.current().client_id(), "two");
-        assert!(
-            !b.poll(&store_b).unwrap(),
+        assert_eq!(single(b.poll().unwrap()).unwrap().0, two);
+        assert_eq!(
+            b.poll().unwrap(),
+            None,
             "same generation is not adopted twice"
         );
 
         // b writes next: its generation is above a's, and a adopts it.
-        let store_a = CredentialStore::new(&two, Some(vec![]));
         assert_eq!(b.persist(&one, None).unwrap(), 3);
-        assert!(a.poll(&store_a).unwrap());
-        assert_eq!(store_a.current().client_id(), "one");
-        assert_eq!(store_a.authorized_scopes(), None);
+        assert_eq!(single(a.poll().unwrap()), Some((one, None)));
+        std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    }
+
+    #[test]
+    fn task_registries_round_trip() {
+        let path = temp_path("tasks");
+        let a = StateFile::new(path.clone());
+        let registry = crate::registry::Registry::new();
+        let reg = crate::registry::Registration::from_json(
+            br#"{"credentials":{"clientId":"c","accessToken":"t"},"identity":{"uid":5}}"#,
+        )
+        .unwrap();
+        registry.insert(crate::registry::Registry::entry("T", reg, 1));
+        let tasks = registry.stored_with("", None);
+        assert_eq!(a.persist_tasks(tasks.clone()).unwrap(), 1);
+        assert_eq!(
+            StateFile::new(path.clone()).load().unwrap(),
+            Some(Stored::Shared(tasks))
+        );
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
 
@@ -376,7 +455,7 @@ mod tests {
         let creds = Credentials::new("c", "t", Some(cert)).unwrap();
         let s = StateFile::new(path.clone());
         s.persist(&creds, None).unwrap();
-        let (loaded, _) = StateFile::new(path.clone()).load().unwrap().unwrap();
+        let (loaded, _) = single(StateFile::new(path.clone()).load().unwrap()).unwrap();
         assert_eq!(loaded, creds);
         std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
     }
