@@ -612,4 +612,56 @@ mod tests {
         args.extend_from_slice(&["--certificate", "{not json"]);
         assert!(error(&args).starts_with("invalid credentials: invalid certificate"));
     }
+
+    #[test]
+    fn shared_mode_settings() {
+        let root = ["--root-url", "https://tc.example.com"];
+        let mut args = root.to_vec();
+        args.extend_from_slice(&["--admin-socket", "/tmp/admin.sock"]);
+        let s = cli(&args).settings().unwrap();
+        assert!(s.credentials.is_none(), "no credentials needed");
+        let shared = s.shared.unwrap();
+        assert_eq!(shared.admin_socket.unwrap(), Path::new("/tmp/admin.sock"));
+        assert!(shared.admin_token.is_none());
+
+        // Credentials given anyway are ignored, with a warning.
+        let mut with_creds = args.clone();
+        with_creds.extend_from_slice(&["--client-id", "c", "--access-token", "t"]);
+        let s = cli(&with_creds).settings().unwrap();
+        assert!(s.credentials.is_none());
+        assert!(s.warnings.iter().any(|w| w.contains("not used")));
+
+        let mut scoped = args.clone();
+        scoped.push("queue:*");
+        assert!(error(&scoped).contains("per task"));
+        let mut task = args.clone();
+        task.extend_from_slice(&["-t", "abc"]);
+        assert!(error(&task).contains("--task-id"));
+
+        let mut tcp = root.to_vec();
+        tcp.extend_from_slice(&["--admin-address", "127.0.0.1:9"]);
+        assert!(error(&tcp).contains("--admin-token-file"));
+
+        let dir = std::env::temp_dir().join(format!("tcp-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, "0123456789abcdef0123\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let path = token_file.to_string_lossy().into_owned();
+        tcp.extend_from_slice(&["--admin-token-file", &path]);
+        assert!(error(&tcp).contains("chmod 600"));
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let shared = cli(&tcp).settings().unwrap().shared.unwrap();
+        assert!(shared
+            .admin_token
+            .unwrap()
+            .accepts(Some(b"Bearer 0123456789abcdef0123")));
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        // Without admin listeners a token file is a mistake, not a silent no-op.
+        let mut stray = CREDS.to_vec();
+        stray.extend_from_slice(&["--admin-token-file", "/nonexistent"]);
+        assert!(error(&stray).contains("needs --admin-socket"));
+    }
 }

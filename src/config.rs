@@ -458,4 +458,17 @@ taskcluster_proxy:
         assert_eq!(c.credentials.access_token.as_deref(), Some("b"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn shared_mode_keys() {
+        let c = parse(
+            "taskcluster_proxy:\n  admin_socket: /run/p/tasks.sock\n  admin_address: \"127.0.0.1:8081\"\n  admin_token_file: /etc/p/token\n",
+        )
+        .unwrap();
+        assert_eq!(c.admin_socket.unwrap(), Path::new("/run/p/tasks.sock"));
+        assert_eq!(c.admin_address.unwrap().port(), 8081);
+        assert_eq!(c.admin_token_file.unwrap(), Path::new("/etc/p/token"));
+        let e = parse("taskcluster_proxy:\n  admin_address: localhost\n").unwrap_err();
+        assert!(e.contains("admin_address"), "{e}");
+    }
 }

@@ -518,6 +518,8 @@ impl ProxyHttp for TaskclusterProxy {
         }
         METRICS.in_flight.inc();
         ctx.in_flight = true;
+        // Until routed: requests refused before routing count as `invalid`.
+        ctx.labels = Labels::new(Form::Invalid, None, session.req_header().method.as_str());
         if let Some((status, counter, msg)) = self.over_limit(session, new_connection) {
             counter.inc();
             let identity = self.current_identity(ctx);

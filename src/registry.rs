@@ -339,10 +339,12 @@ impl Registration {
         let token = match identity.token {
             None => None,
             Some(token) if valid_token(token.as_bytes()) => Some(TokenHash::of(token.as_bytes())),
-            Some(_) => return bad(&format!(
+            Some(_) => {
+                return bad(&format!(
                 "token must be {MIN_TOKEN_LEN}-{MAX_TOKEN_LEN} characters of A-Z a-z 0-9 . _ ~ - \
                      (at least 128 bits of randomness)"
-            )),
+            ))
+            }
         };
         if identity.uid == Some(0) {
             return bad("uid 0 (root) cannot identify a task");

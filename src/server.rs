@@ -141,9 +141,23 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
         scopes.get_or_insert_with(Vec::new).extend(task_scopes);
     }
 
+    let task_admin_listen: Vec<Listener> = settings
+        .shared
+        .iter()
+        .flat_map(|shared| {
+            let socket = shared
+                .admin_socket
+                .clone()
+                .map(|path| Listener::Unix(path, Some(0o600)));
+            socket
+                .into_iter()
+                .chain(shared.admin_address.map(Listener::Tcp))
+        })
+        .collect();
     if !cli.upgrade {
         ensure_listeners_free(&settings.listen)?;
         ensure_listeners_free(&settings.admin_listen)?;
+        ensure_listeners_free(&task_admin_listen)?;
     }
     let state = state_path(&cli, &settings, &conf).map(|p| Arc::new(StateFile::new(p)));
     let tenancy = match &settings.credentials {
@@ -219,14 +233,7 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
                 token: shared.admin_token.clone(),
             },
         );
-        let mut listeners = Vec::new();
-        if let Some(path) = &shared.admin_socket {
-            listeners.push(Listener::Unix(path.clone(), Some(0o600)));
-        }
-        if let Some(addr) = shared.admin_address {
-            listeners.push(Listener::Tcp(addr));
-        }
-        add_listeners(&mut admin, &listeners, "task admin API");
+        add_listeners(&mut admin, &task_admin_listen, "task admin API");
         log::info!(
             "shared mode: {} tasks registered{}",
             registry.len(),
