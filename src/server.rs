@@ -92,13 +92,18 @@ fn server_conf(cli: &Cli, settings: &Settings) -> Result<ServerConf, StartError>
 }
 
 /// The state file: configured, else beside the upgrade socket when a configuration file is
-/// used. Plain command-line runs keep state in memory only (nothing secret written to /tmp).
+/// used, else (shared mode) beside the admin socket, whose directory is the operator's.
+/// Other command-line runs keep state in memory only (nothing secret written to /tmp).
 fn state_path(cli: &Cli, settings: &Settings, conf: &ServerConf) -> Option<PathBuf> {
-    settings.state_file.clone().or_else(|| {
-        cli.conf
-            .as_ref()
-            .map(|_| PathBuf::from(format!("{}.state.json", conf.upgrade_sock)))
-    })
+    let beside = |path: &str| PathBuf::from(format!("{path}.state.json"));
+    settings
+        .state_file
+        .clone()
+        .or_else(|| cli.conf.as_ref().map(|_| beside(&conf.upgrade_sock)))
+        .or_else(|| {
+            let socket = settings.shared.as_ref()?.admin_socket.as_ref()?;
+            Some(beside(&socket.to_string_lossy()))
+        })
 }
 
 /// Serves with validated settings until told to stop. Returns only on a start-up error.
