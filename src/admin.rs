@@ -163,13 +163,16 @@ impl AdminApp {
     /// Unix-socket callers must be root or this process's user (the socket's mode already
     /// says so; this holds even if someone loosens it).
     fn caller_allowed(session: &ServerSession) -> bool {
-        let unix = session.client_addr().is_some_and(|a| a.as_inet().is_none());
-        if !unix {
-            return true;
-        }
+        // Decided by the socket itself: Pingora reports no client address for Unix clients
+        // that never bound a path, so the address cannot tell TCP from Unix callers.
         let Some(fd) = session.stream().map(|s| s.id()) else {
             return false;
         };
+        match crate::admission::socket_family(fd) {
+            Ok(libc::AF_INET) | Ok(libc::AF_INET6) => return true,
+            Ok(libc::AF_UNIX) => {}
+            _ => return false,
+        }
         // SAFETY: geteuid has no preconditions and cannot fail.
         let euid = unsafe { libc::geteuid() };
         matches!(crate::admission::peer_uid(fd), Ok(uid) if uid == 0 || uid == euid)

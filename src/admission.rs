@@ -602,7 +602,6 @@ pub fn peer_uid(fd: RawFd) -> io::Result<u32> {
     Ok(cred.uid)
 }
 
-/// The address family of a socket (`AF_UNIX`, `AF_INET`, …).
 /// The OS uid of the process on the other end of a task connection: `SO_PEERCRED` for a Unix
 /// socket, the exact ESTABLISHED 4-tuple for TCP (`peer` and `local` as seen by us).
 /// `None` when it cannot be determined (e.g. a caller in another network namespace).
@@ -618,7 +617,8 @@ pub fn caller_uid(fd: RawFd, peer: Option<SocketAddr>, local: Option<SocketAddr>
     }
 }
 
-fn socket_family(fd: RawFd) -> io::Result<libc::c_int> {
+/// The address family of a socket (`AF_UNIX`, `AF_INET`, …).
+pub fn socket_family(fd: RawFd) -> io::Result<libc::c_int> {
     // SAFETY: `storage` is large enough for any address; `len` says so.
     let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;

@@ -221,7 +221,7 @@ impl TaskEntry {
             "taskId": self.task_id,
             "clientId": identity.client_id(),
             "temporary": identity.certificate_expiry_ms().is_some(),
-            "certificateExpiry": identity.certificate_expiry_ms(),
+            "certificateExpiry": identity.certificate_expiry_ms().map(json_number),
             "authorizedScopes": identity.authorized_scopes(),
             "identity": binding,
             "labels": self.labels,
@@ -267,6 +267,15 @@ impl TaskEntry {
             registered_ms: stored.registered_ms,
             ended: AtomicBool::new(false),
         })
+    }
+}
+
+/// Whole milliseconds as a JSON integer, as Taskcluster writes them.
+fn json_number(ms: f64) -> Value {
+    if ms.fract() == 0.0 && ms.abs() < 9.0e15 {
+        Value::from(ms as i64)
+    } else {
+        Value::from(ms)
     }
 }
 
