@@ -13,25 +13,16 @@ mod support;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::Command;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use support::process::{free_addr, yq, Proc, TestDir};
+use support::users::{connect_from, helper_main, run_helper, two_users, User, USER1};
 use support::{ACCESS_TOKEN, CLIENT_ID};
 use taskcluster_proxy::admission::Admission;
 
-/// The user the proxy admits.
-const ALLOWED: &str = "tcp-admission-test";
-/// A user it must reject.
-const OTHER: &str = "tcp-admission-other";
-
-/// Environment variable that switches this binary into client helper mode.
-const HELPER_ENV: &str = "TC_PROXY_ADMISSION_HELPER";
-/// Prefix of the helper's one line of output.
-const RESULT: &str = "ADMISSION-RESULT ";
+/// The user the proxy admits ([`two_users`] gives it first; the second is one it must reject).
+const ALLOWED: &str = USER1;
 
 /// What a client saw: the response's status line, or the connection closed without one.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,60 +30,6 @@ enum Outcome {
     Status(u16),
     Closed,
     Other(String),
-}
-
-#[derive(Debug, Clone)]
-struct User {
-    name: String,
-    uid: u32,
-    gid: u32,
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Root is required; otherwise the test reports the skip and returns `false`.
-fn can_run(test: &str) -> bool {
-    if !is_root() {
-        eprintln!("{test}: skipped, needs root to create users and run clients as them");
-    }
-    is_root()
-}
-
-fn lookup_user(name: &str) -> Option<User> {
-    let out = Command::new("getent")
-        .args(["passwd", name])
-        .output()
-        .ok()?;
-    let line = String::from_utf8(out.stdout).ok()?;
-    let fields: Vec<&str> = line.trim().split(':').collect();
-    Some(User {
-        name: name.to_string(),
-        uid: fields.get(2)?.parse().ok()?,
-        gid: fields.get(3)?.parse().ok()?,
-    })
-}
-
-/// The user `name`, created (system account, no home, no login shell) if missing. Safe to call
-/// from parallel tests and processes: a lost creation race is noticed by the second lookup.
-fn ensure_user(name: &str) -> User {
-    static CREATE: Mutex<()> = Mutex::new(());
-    let _serial = CREATE.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(user) = lookup_user(name) {
-        return user;
-    }
-    let status = Command::new("useradd")
-        .args([
-            "--system",
-            "--no-create-home",
-            "--shell",
-            "/usr/sbin/nologin",
-            name,
-        ])
-        .status();
-    lookup_user(name).unwrap_or_else(|| panic!("cannot create user {name} (useradd: {status:?})"))
 }
 
 /// Where a helper client connects.
@@ -110,37 +47,13 @@ fn client_as(user: Option<&User>, target: Target<'_>) -> Outcome {
         Target::TcpFrom(addr, from) => format!("tcp {addr} {from}"),
         Target::Unix(path) => format!("unix {}", path.display()),
     };
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
-    cmd.args([
-        "client_helper",
-        "--exact",
-        "--ignored",
-        "--nocapture",
-        "--test-threads=1",
-    ])
-    .env(HELPER_ENV, &spec);
-    if let Some(user) = user {
-        cmd.uid(user.uid).gid(user.gid);
-    }
-    let out = cmd.output().expect("run the client helper");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .find_map(|l| l.split_once(RESULT).map(|(_, result)| result.trim()))
-        .unwrap_or_else(|| {
-            panic!(
-                "helper ({spec}) as {:?} gave no result: {}\nstdout:\n{stdout}\nstderr:\n{}",
-                user.map(|u| &u.name),
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
+    let line = run_helper(user, &spec);
     if line == "closed" {
         Outcome::Closed
     } else if let Some(code) = line.strip_prefix("status ") {
         Outcome::Status(code.parse().unwrap())
     } else {
-        Outcome::Other(line.to_string())
+        Outcome::Other(line)
     }
 }
 
@@ -149,10 +62,7 @@ fn client_as(user: Option<&User>, target: Target<'_>) -> Outcome {
 #[test]
 #[ignore = "client helper, run as another user by the other tests"]
 fn client_helper() {
-    let Ok(spec) = std::env::var(HELPER_ENV) else {
-        return;
-    };
-    println!("{RESULT}{}", helper_request(&spec));
+    helper_main(helper_request);
 }
 
 fn helper_request(spec: &str) -> String {
@@ -218,27 +128,6 @@ impl ReadWrite for std::os::unix::net::UnixStream {
         let _ = self.set_read_timeout(Some(t));
         let _ = self.set_write_timeout(Some(t));
     }
-}
-
-/// A TCP connection from the fixed local address `from` (SO_REUSEADDR, so a TIME_WAIT socket
-/// on the same address does not stop the bind).
-fn connect_from(to: SocketAddr, from: SocketAddr) -> std::io::Result<TcpStream> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let stream = runtime.block_on(async {
-        let socket = if from.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket.bind(from)?;
-        socket.connect(to).await
-    })?;
-    let stream = stream.into_std()?;
-    stream.set_nonblocking(false)?;
-    Ok(stream)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -316,10 +205,10 @@ fn lo8() -> Option<(std::net::IpAddr, u8)> {
 
 #[test]
 fn harness_tcp_admits_root_and_the_allowed_user_only() {
-    if !can_run("harness_tcp_admits_root_and_the_allowed_user_only") {
+    let Some((allowed, other)) = two_users("harness_tcp_admits_root_and_the_allowed_user_only")
+    else {
         return;
-    }
-    let (allowed, other) = (ensure_user(ALLOWED), ensure_user(OTHER));
+    };
     for network in [None, lo8()] {
         let addr = tcp_harness("127.0.0.1:0".parse().unwrap(), |local| {
             Admission::with_uid(ALLOWED, allowed.uid, network).listening_on([local])
@@ -340,14 +229,14 @@ fn harness_tcp_admits_root_and_the_allowed_user_only() {
 
 #[test]
 fn harness_dual_stack_listener_ipv4_and_ipv6_clients() {
-    if !can_run("harness_dual_stack_listener_ipv4_and_ipv6_clients") {
+    let Some((allowed, other)) = two_users("harness_dual_stack_listener_ipv4_and_ipv6_clients")
+    else {
         return;
-    }
+    };
     if std::net::TcpListener::bind("[::1]:0").is_err() {
         eprintln!("no IPv6 loopback here: skipped");
         return;
     }
-    let (allowed, other) = (ensure_user(ALLOWED), ensure_user(OTHER));
     // `[::]` (dual-stack): IPv4 callers are seen as ::ffff:127.0.0.1, their sockets are in
     // /proc/net/tcp; IPv6 callers are in /proc/net/tcp6.
     let addr = tcp_harness("[::]:0".parse().unwrap(), |local| {
@@ -382,10 +271,9 @@ fn harness_dual_stack_listener_ipv4_and_ipv6_clients() {
 /// left by an earlier root connection, could be taken for the caller's socket.
 #[test]
 fn harness_time_wait_row_of_root_does_not_admit() {
-    if !can_run("harness_time_wait_row_of_root_does_not_admit") {
+    let Some((allowed, other)) = two_users("harness_time_wait_row_of_root_does_not_admit") else {
         return;
-    }
-    let (allowed, other) = (ensure_user(ALLOWED), ensure_user(OTHER));
+    };
     // A specific address (exact sock_diag lookups) and a wildcard (the /proc scan).
     for listen in ["127.0.0.1:0", "0.0.0.0:0"] {
         let bound = tcp_harness(listen.parse().unwrap(), |local| {
@@ -435,10 +323,10 @@ fn time_wait_address() -> SocketAddr {
 
 #[test]
 fn harness_unix_socket_callers_by_peer_credentials() {
-    if !can_run("harness_unix_socket_callers_by_peer_credentials") {
+    let Some((allowed, other)) = two_users("harness_unix_socket_callers_by_peer_credentials")
+    else {
         return;
-    }
-    let (allowed, other) = (ensure_user(ALLOWED), ensure_user(OTHER));
+    };
     let dir = TestDir::new();
     std::fs::set_permissions(dir.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let sock = dir.path("harness.sock");
@@ -496,10 +384,11 @@ fn rejected_total(metrics: SocketAddr) -> u64 {
 
 #[test]
 fn proxy_admits_root_and_the_allowed_user_and_closes_on_others() {
-    if !can_run("proxy_admits_root_and_the_allowed_user_and_closes_on_others") {
+    let Some((allowed, other)) =
+        two_users("proxy_admits_root_and_the_allowed_user_and_closes_on_others")
+    else {
         return;
-    }
-    let (allowed, other) = (ensure_user(ALLOWED), ensure_user(OTHER));
+    };
     let tc = support::fake();
     let metrics = free_addr().to_string();
     let Some(proxy) = proxy_with(
@@ -548,10 +437,10 @@ fn proxy_admits_root_and_the_allowed_user_and_closes_on_others() {
 
 #[test]
 fn proxy_allowed_network_does_not_rescue_a_wrong_uid() {
-    if !can_run("proxy_allowed_network_does_not_rescue_a_wrong_uid") {
+    let Some((allowed, other)) = two_users("proxy_allowed_network_does_not_rescue_a_wrong_uid")
+    else {
         return;
-    }
-    let (allowed, other) = (ensure_user(ALLOWED), ensure_user(OTHER));
+    };
     let tc = support::fake();
     let Some(proxy) = proxy_with(
         &tc,
@@ -581,10 +470,9 @@ fn proxy_allowed_network_does_not_rescue_a_wrong_uid() {
 
 #[test]
 fn proxy_checks_unix_socket_callers() {
-    if !can_run("proxy_checks_unix_socket_callers") {
+    let Some((allowed, other)) = two_users("proxy_checks_unix_socket_callers") else {
         return;
-    }
-    let (allowed, other) = (ensure_user(ALLOWED), ensure_user(OTHER));
+    };
     let tc = support::fake();
     let dir = TestDir::new();
     std::fs::set_permissions(dir.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();

@@ -193,13 +193,11 @@ fn test_conf_validates_without_listening() {
     let tc = support::fake();
     let dir = TestDir::new();
     let addr = free_addr();
-    let conf = conf_with(
-        &dir,
-        &format!(
-            "  listen:\n    - address: \"{addr}\"\n  root_url: {}\n{}",
-            yq(&tc.root_url()),
-            creds_yaml(CLIENT_ID, ACCESS_TOKEN)
-        ),
+    let conf = dir.write_tcp_conf(
+        1,
+        addr,
+        &tc.root_url(),
+        &creds_yaml(CLIENT_ID, ACCESS_TOKEN),
     );
     let (code, out, err) = run_to_exit(&["--test-conf", "-c", &conf], &[], TIMEOUT);
     assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");

@@ -19,12 +19,7 @@ use support::{
 /// POST /bewit with `url`, check the 303 and return the signed URL.
 fn bewit(proxy: &ProxyProcess, body: &str) -> String {
     let r = send(proxy.addr(), "POST", b"/bewit", &[], body.as_bytes());
-    assert_eq!(r.status, 303, "POST /bewit {body:?}: {}", r.text());
-    let location = r
-        .header("location")
-        .unwrap_or_else(|| panic!("no Location header: {:?}", r.headers))
-        .to_string();
-    assert_eq!(r.text(), location, "body must equal Location");
+    let location = support::bewit_location(&r, &format!("POST /bewit {body:?}"));
     assert!(
         r.header("x-taskcluster-proxy-version").is_some(),
         "/bewit responses carry the proxy headers too"

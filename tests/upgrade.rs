@@ -41,22 +41,15 @@ impl Setup {
         let tc = support::fake();
         let dir = TestDir::new();
         let addr = free_addr();
-        let state = if explicit_state_file {
-            format!(
-                "  state_file: {}\n",
-                yq(&dir.state_file().to_string_lossy())
-            )
-        } else {
-            String::new()
-        };
-        let conf = dir.write(
-            "proxy.yaml",
+        let conf = dir.write_tcp_conf(
+            GRACE,
+            addr,
+            &tc.root_url(),
             &format!(
-                "{}taskcluster_proxy:\n  listen:\n    - address: \"{addr}\"\n  root_url: {}\n  credentials:\n    client_id: {}\n    access_token: {}\n{state}",
-                dir.server_keys(GRACE),
-                yq(&tc.root_url()),
+                "  credentials:\n    client_id: {}\n    access_token: {}\n{}",
                 yq(CLIENT_ID),
-                yq(ACCESS_TOKEN)
+                yq(ACCESS_TOKEN),
+                dir.state_file_key(explicit_state_file)
             ),
         );
         Setup {
@@ -76,17 +69,7 @@ impl Setup {
 
     /// A process with `-u`, waiting on the upgrade socket once this returns.
     fn start_upgrade(&self) -> Proc {
-        let sock = self.dir.upgrade_sock();
-        assert!(
-            !sock.exists(),
-            "stale upgrade socket {} (test bug)",
-            sock.display()
-        );
-        let mut p = Proc::start(&["-c", &self.conf, "-u"], &[]);
-        if let Err(e) = p.wait_path(&sock, Duration::from_secs(20)) {
-            panic!("the new process never waited on the upgrade socket: {e}");
-        }
-        p
+        Proc::start_upgrade(&self.conf, &self.dir.upgrade_sock())
     }
 }
 

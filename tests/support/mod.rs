@@ -2,12 +2,14 @@
 //! server, a raw HTTP client, and a helper to run the proxy binary.
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod client;
 pub mod creds;
 pub mod fake_tc;
 pub mod pattern;
 pub mod process;
 pub mod proxy;
+pub mod users;
 pub mod verify;
 
 #[allow(unused_imports)]
@@ -79,6 +81,19 @@ pub fn assert_auth_ok(echo: &serde_json::Value) {
         "fake TC rejected the request: {}",
         serde_json::to_string_pretty(echo).unwrap()
     );
+}
+
+/// The signed URL of an answer to `/bewit`: asserts a 303 whose body equals its Location
+/// header (`what` names the request in failures).
+#[track_caller]
+pub fn bewit_location(r: &Response, what: &str) -> String {
+    assert_eq!(r.status, 303, "{what}: {}", r.text());
+    let location = r
+        .header("location")
+        .unwrap_or_else(|| panic!("{what}: no Location header: {:?}", r.headers))
+        .to_string();
+    assert_eq!(r.text(), location, "{what}: body must equal Location");
+    location
 }
 
 /// Poll `cond` every 10 ms until it holds or `timeout` passes; returns whether it held.

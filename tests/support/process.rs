@@ -91,6 +91,21 @@ impl Proc {
         assert_eq!(rc, 0, "kill({}, {sig}) failed", self.pid());
     }
 
+    /// A new process for a zero-downtime upgrade (`-c conf -u`), waiting on the upgrade socket
+    /// `sock` once this returns; `sock` must not exist before.
+    pub fn start_upgrade(conf: &str, sock: &Path) -> Proc {
+        assert!(
+            !sock.exists(),
+            "stale upgrade socket {} (test bug)",
+            sock.display()
+        );
+        let mut p = Proc::start(&["-c", conf, "-u"], &[]);
+        if let Err(e) = p.wait_path(sock, Duration::from_secs(20)) {
+            panic!("the new process never waited on the upgrade socket: {e}");
+        }
+        p
+    }
+
     /// Wait until `addr` accepts TCP connections; fails early if the process exits.
     pub fn wait_tcp(&mut self, addr: SocketAddr, timeout: Duration) -> Result<(), String> {
         let deadline = Instant::now() + timeout;
@@ -341,6 +356,40 @@ impl TestDir {
             "version: 1\nthreads: 2\npid_file: {}\nupgrade_sock: {}\ngrace_period_seconds: {grace}\ngraceful_shutdown_timeout_seconds: 1\n",
             self.pid_file().display(),
             self.upgrade_sock().display()
+        )
+    }
+
+    /// The `state_file` key of the `taskcluster_proxy` section (indented, with its newline)
+    /// naming [`state_file`](Self::state_file); nothing when `explicit` is false (the default
+    /// applies then).
+    pub fn state_file_key(&self, explicit: bool) -> String {
+        if explicit {
+            format!(
+                "  state_file: {}\n",
+                yq(&self.state_file().to_string_lossy())
+            )
+        } else {
+            String::new()
+        }
+    }
+
+    /// Write `proxy.yaml`: [`server_keys`](Self::server_keys)`(grace)` and a
+    /// `taskcluster_proxy` section with one TCP listener on `addr`, `root_url`, then `more`
+    /// (further keys of the section, indented by two spaces). Returns its path.
+    pub fn write_tcp_conf(
+        &self,
+        grace: u64,
+        addr: SocketAddr,
+        root_url: &str,
+        more: &str,
+    ) -> String {
+        self.write(
+            "proxy.yaml",
+            &format!(
+                "{}taskcluster_proxy:\n  listen:\n    - address: \"{addr}\"\n  root_url: {}\n{more}",
+                self.server_keys(grace),
+                yq(root_url)
+            ),
         )
     }
 
