@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use crate::credentials::Credentials;
 use crate::registry::{valid_task_id, Registered, Registration, Registry, RegistryError};
-use crate::state::{StateFile, StoredCredentials};
+use crate::state::{StateFile, StoredCredentials, TaskOp};
 
 /// Largest admin request body (certificates with many scopes are large, but not this large).
 pub const MAX_ADMIN_BODY: usize = 1024 * 1024;
@@ -205,12 +205,14 @@ impl AdminApp {
         }
     }
 
-    /// Records the registry as it will be after a change; a failure leaves it unchanged.
-    async fn persist(&self, tasks: Vec<crate::registry::StoredTask>) -> Result<(), Answer> {
+    /// Records a change before it is applied; a failure leaves everything unchanged.
+    /// Also brings in changes recorded by another process (during an upgrade).
+    async fn record(&self, op: TaskOp) -> Result<(), Answer> {
         let Some(state) = self.state.clone() else {
             return Ok(());
         };
-        let result = tokio::task::spawn_blocking(move || state.persist_tasks(tasks)).await;
+        let registry = self.registry.clone();
+        let result = tokio::task::spawn_blocking(move || state.record_task(&registry, op)).await;
         let failure = match result {
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(e)) => e.to_string(),
@@ -221,6 +223,20 @@ impl AdminApp {
             StatusCode::INTERNAL_SERVER_ERROR,
             "could not record the change for upgrade hand-over; nothing was changed",
         ))
+    }
+
+    /// Folds the journal into a snapshot when due; the change is already safe either way.
+    async fn compact(&self) {
+        let Some(state) = self.state.clone() else {
+            return;
+        };
+        let registry = self.registry.clone();
+        let result = tokio::task::spawn_blocking(move || state.compact_if_due(&registry)).await;
+        match result {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => log::error!("state journal not compacted: {e}"),
+            Err(e) => log::error!("state journal not compacted: {e}"),
+        }
     }
 
     async fn register(&self, session: &mut ServerSession, task_id: &str) -> Answer {
@@ -237,13 +253,11 @@ impl AdminApp {
             return Answer::registry(e);
         }
         let entry = Registry::entry(task_id, registration, unix_ms());
-        if let Err(answer) = self
-            .persist(self.registry.stored_with(task_id, Some(&entry)))
-            .await
-        {
+        if let Err(answer) = self.record(TaskOp::Put(entry.to_stored())).await {
             return answer;
         }
         let outcome = self.registry.insert(entry.clone());
+        self.compact().await;
         log::info!(
             "task {task_id} {} with clientId {} ({} tasks)",
             if outcome == Registered::Created {
@@ -274,14 +288,13 @@ impl AdminApp {
         let Some(entry) = self.registry.get(task_id) else {
             return Answer::registry(RegistryError::UnknownTask(task_id.to_string()));
         };
-        let mut tasks = self.registry.stored_with("", None);
-        for task in tasks.iter_mut().filter(|t| t.task_id == task_id) {
-            task.credentials = StoredCredentials::from(&credentials);
-        }
-        if let Err(answer) = self.persist(tasks).await {
+        let mut stored = entry.to_stored();
+        stored.credentials = StoredCredentials::from(&credentials);
+        if let Err(answer) = self.record(TaskOp::Put(stored)).await {
             return answer;
         }
         entry.store.rotate(&credentials);
+        self.compact().await;
         Answer::ok(StatusCode::OK, entry.summary())
     }
 
@@ -290,10 +303,11 @@ impl AdminApp {
         if self.registry.get(task_id).is_none() {
             return Answer::registry(RegistryError::UnknownTask(task_id.to_string()));
         }
-        if let Err(answer) = self.persist(self.registry.stored_with(task_id, None)).await {
+        if let Err(answer) = self.record(TaskOp::Delete(task_id.to_string())).await {
             return answer;
         }
         self.registry.remove(task_id);
+        self.compact().await;
         log::info!("task {task_id} ended ({} tasks)", self.registry.len());
         Answer {
             status: StatusCode::NO_CONTENT,

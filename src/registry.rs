@@ -19,7 +19,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::credentials::{CredentialStore, Credentials, CredentialsError};
-use crate::state::StoredCredentials;
+use crate::state::{StoredCredentials, TaskOp};
 
 /// Shortest identity token accepted: 32 characters carry ≥ 128 bits even as hex.
 pub const MIN_TOKEN_LEN: usize = 32;
@@ -650,36 +650,53 @@ impl Registry {
         let mut keep = std::collections::HashSet::new();
         for stored in tasks {
             keep.insert(stored.task_id.clone());
-            if let Some(current) = self.get(&stored.task_id) {
-                let now = current.to_stored();
-                if now == stored {
-                    continue;
-                }
-                let same_except_credentials = StoredTask {
-                    credentials: stored.credentials.clone(),
-                    ..now
-                } == stored;
-                if same_except_credentials {
-                    if let Ok(credentials) = stored.credentials.to_credentials() {
-                        current
-                            .store
-                            .replace(&credentials, stored.authorized_scopes);
-                        continue;
-                    }
-                }
-            }
-            let id = stored.task_id.clone();
-            match TaskEntry::from_stored(stored) {
-                Ok(entry) => {
-                    self.insert(Arc::new(entry));
-                }
-                Err(e) => log::error!("state file: task {id} skipped: {e}"),
-            }
+            self.put_stored(stored);
         }
         for entry in self.tasks() {
             if !keep.contains(&entry.task_id) {
                 self.remove(&entry.task_id);
             }
+        }
+    }
+
+    /// Applies one change recorded by another process. The caller holds the writer lock.
+    pub fn apply(&self, op: TaskOp) {
+        match op {
+            TaskOp::Put(stored) => self.put_stored(stored),
+            TaskOp::Delete(task_id) => {
+                self.remove(&task_id);
+            }
+        }
+    }
+
+    /// Makes one stored task live: an unchanged task is left alone, a change of credentials
+    /// only is a rotation in place (requests in flight keep theirs), anything else a new
+    /// entry.
+    fn put_stored(&self, stored: StoredTask) {
+        if let Some(current) = self.get(&stored.task_id) {
+            let now = current.to_stored();
+            if now == stored {
+                return;
+            }
+            let same_except_credentials = StoredTask {
+                credentials: stored.credentials.clone(),
+                ..now
+            } == stored;
+            if same_except_credentials {
+                if let Ok(credentials) = stored.credentials.to_credentials() {
+                    current
+                        .store
+                        .replace(&credentials, stored.authorized_scopes);
+                    return;
+                }
+            }
+        }
+        let id = stored.task_id.clone();
+        match TaskEntry::from_stored(stored) {
+            Ok(entry) => {
+                self.insert(Arc::new(entry));
+            }
+            Err(e) => log::error!("state file: task {id} skipped: {e}"),
         }
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use crate::credentials::CredentialStore;
 use crate::registry::Registry;
-use crate::state::Stored;
+use crate::state::{StateError, StateFile, Stored};
 
 #[derive(Clone)]
 pub enum Tenancy {
@@ -20,22 +20,42 @@ impl Tenancy {
         matches!(self, Tenancy::Shared(_))
     }
 
-    /// Applies state written by another process (zero-downtime upgrade hand-over).
-    pub async fn adopt(&self, stored: Stored) {
-        match (self, stored) {
-            (Tenancy::Single(store), Stored::Single((credentials, scopes))) => {
-                store.replace(&credentials, scopes)
+    /// Adopts what another process recorded in the state file since the last call
+    /// (zero-downtime upgrade hand-over).
+    pub async fn sync(&self, state: &Arc<StateFile>) -> Result<(), StateError> {
+        let state = state.clone();
+        let joined = |e: tokio::task::JoinError| {
+            StateError::Io(state_name(&state), std::io::Error::other(e.to_string()))
+        };
+        match self {
+            Tenancy::Single(store) => {
+                let polling = state.clone();
+                match tokio::task::spawn_blocking(move || polling.poll())
+                    .await
+                    .map_err(joined)??
+                {
+                    Some(Stored::Single((credentials, scopes))) => {
+                        store.replace(&credentials, scopes)
+                    }
+                    Some(Stored::Shared(_)) => log::error!(
+                        "state file holds a shared-mode task registry; this process serves one task: ignored"
+                    ),
+                    None => {}
+                }
             }
-            (Tenancy::Shared(registry), Stored::Shared(tasks)) => {
+            Tenancy::Shared(registry) => {
+                // Held across the file read and the changes, like an admin request.
                 let _writer = registry.writer.lock().await;
-                registry.adopt(tasks);
-            }
-            (Tenancy::Single(_), Stored::Shared(_)) => {
-                log::error!("state file holds a shared-mode task registry; this process serves one task: ignored")
-            }
-            (Tenancy::Shared(_), Stored::Single(_)) => {
-                log::error!("state file holds single-task credentials; this process is in shared mode: ignored")
+                let (syncing, registry) = (state.clone(), registry.clone());
+                tokio::task::spawn_blocking(move || syncing.sync_tasks(&registry))
+                    .await
+                    .map_err(joined)??;
             }
         }
+        Ok(())
     }
+}
+
+fn state_name(state: &StateFile) -> String {
+    state.path().display().to_string()
 }
