@@ -2532,3 +2532,48 @@ fn no_identity_or_access_token_in_logs_or_responses() {
         "no access line for the request with an unknown token"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// 12. Metrics
+
+/// The value of the series line starting with `series` (exact name and labels).
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[test]
+fn registry_size_and_unknown_callers_are_counted() {
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let metrics_arg = metrics.to_string();
+    let env = Env::start_in(TestDir::new(), &["--metrics-address", &metrics_arg], &[]);
+    let a = env.token_task("A", &default_client());
+    env.token_task("B", &second_client());
+    assert_eq!(env.admin.delete("B").status, 204);
+    assert_signed(&env.get_as(&a, "/api/queue/v1/m"), CLIENT_ID, "A");
+    for _ in 0..3 {
+        assert_eq!(env.get_as(&new_token(), "/api/queue/v1/m").status, 403);
+    }
+    let text = support::client::get(metrics, "/metrics").text();
+    assert_eq!(
+        metric(&text, "taskcluster_proxy_tasks_registered"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"taskcluster_proxy_rejected_requests_total{reason="unknown_task"}"#
+        ),
+        Some(3.0),
+        "{text}"
+    );
+    // Shared mode has a certificate per task: no process-wide expiry series, and ready.
+    assert!(!text.contains("certificate_expiry_seconds"));
+    assert_eq!(support::client::get(metrics, "/readyz").status, 200);
+}
