@@ -10,7 +10,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use http::HeaderValue;
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::signing::{self, HawkKey};
 
@@ -43,11 +43,12 @@ impl fmt::Display for CredentialsError {
 
 impl std::error::Error for CredentialsError {}
 
-/// A temporary-credential certificate, kept as the JSON object it was given as (key order and
-/// unknown keys preserved, unlike the Go proxy) plus the fields the proxy reports.
+/// A temporary-credential certificate, kept as the compact JSON text of the object it was
+/// given as (key order and unknown keys preserved, unlike the Go proxy; shared, since a
+/// shared proxy holds one per task) plus the fields the proxy reports.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Certificate {
-    object: Map<String, Value>,
+    text: Arc<str>,
     scopes: Vec<String>,
     expiry_ms: f64,
 }
@@ -96,7 +97,7 @@ impl Certificate {
             }
         }
         Ok(Certificate {
-            object,
+            text: Value::Object(object).to_string().into(),
             scopes,
             expiry_ms,
         })
@@ -108,7 +109,7 @@ impl Certificate {
 
     /// The certificate as compact JSON text, the form Taskcluster hands it out in.
     pub fn to_json_string(&self) -> String {
-        Value::Object(self.object.clone()).to_string()
+        self.text.to_string()
     }
 
     /// Expiry as Unix milliseconds.
@@ -220,14 +221,24 @@ pub fn ext_json(
     certificate: Option<&Certificate>,
     authorized_scopes: Option<&[String]>,
 ) -> Option<String> {
-    let mut ext = Map::new();
+    if certificate.is_none() && authorized_scopes.is_none() {
+        return None;
+    }
+    // Written out as serde_json writes a map with these keys in this order.
+    let mut ext = String::from("{");
     if let Some(cert) = certificate {
-        ext.insert("certificate".into(), Value::Object(cert.object.clone()));
+        ext.push_str("\"certificate\":");
+        ext.push_str(&cert.text);
     }
     if let Some(scopes) = authorized_scopes {
-        ext.insert("authorizedScopes".into(), scopes_json(scopes));
+        if certificate.is_some() {
+            ext.push(',');
+        }
+        ext.push_str("\"authorizedScopes\":");
+        ext.push_str(&scopes_json(scopes).to_string());
     }
-    (!ext.is_empty()).then(|| Value::Object(ext).to_string())
+    ext.push('}');
+    Some(ext)
 }
 
 fn scopes_json(scopes: &[String]) -> Value {
