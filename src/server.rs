@@ -239,6 +239,18 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
             },
         );
         add_listeners(&mut admin, &task_admin_listen, "task admin API");
+        if shared.admin_address.is_some_and(|a| !a.ip().is_loopback()) {
+            log::warn!(
+                "the task admin API listens on a non-loopback address; only its bearer token \
+                 protects every task's credentials"
+            );
+        }
+        if state.is_none() {
+            log::warn!(
+                "shared mode without a state file: the task registry will not survive an \
+                 upgrade (-u); set state_file, use -c, or use --admin-socket"
+            );
+        }
         log::info!(
             "shared mode: {} tasks registered{}",
             registry.len(),
