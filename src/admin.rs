@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 
 use crate::credentials::Credentials;
 use crate::registry::{valid_task_id, Registered, Registration, Registry, RegistryError};
-use crate::state::{StateFile, StoredCredentials, TaskOp};
+use crate::state::{StateError, StateFile, StoredCredentials, TaskOp};
 
 /// Largest admin request body (certificates with many scopes are large, but not this large).
 pub const MAX_ADMIN_BODY: usize = 1024 * 1024;
@@ -205,37 +205,45 @@ impl AdminApp {
         }
     }
 
+    /// Runs `f` on the state file off the async runtime; `None` without a state file.
+    async fn with_state<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&StateFile, &Registry) -> Result<T, StateError> + Send + 'static,
+    ) -> Option<Result<T, String>> {
+        let state = self.state.clone()?;
+        let registry = self.registry.clone();
+        let joined = tokio::task::spawn_blocking(move || f(&state, &registry)).await;
+        Some(match joined {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        })
+    }
+
     /// Records a change before it is applied; a failure leaves everything unchanged.
     /// Also brings in changes recorded by another process (during an upgrade).
     async fn record(&self, op: TaskOp) -> Result<(), Answer> {
-        let Some(state) = self.state.clone() else {
-            return Ok(());
-        };
-        let registry = self.registry.clone();
-        let result = tokio::task::spawn_blocking(move || state.record_task(&registry, op)).await;
-        let failure = match result {
-            Ok(Ok(_)) => return Ok(()),
-            Ok(Err(e)) => e.to_string(),
-            Err(e) => e.to_string(),
-        };
-        log::error!("admin change not applied: {failure}");
-        Err(Answer::error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "could not record the change for upgrade hand-over; nothing was changed",
-        ))
+        match self
+            .with_state(move |state, registry| state.record_task(registry, op))
+            .await
+        {
+            None | Some(Ok(_)) => Ok(()),
+            Some(Err(failure)) => {
+                log::error!("admin change not applied: {failure}");
+                Err(Answer::error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "could not record the change for upgrade hand-over; nothing was changed",
+                ))
+            }
+        }
     }
 
     /// Folds the journal into a snapshot when due; the change is already safe either way.
     async fn compact(&self) {
-        let Some(state) = self.state.clone() else {
-            return;
-        };
-        let registry = self.registry.clone();
-        let result = tokio::task::spawn_blocking(move || state.compact_if_due(&registry)).await;
-        match result {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => log::error!("state journal not compacted: {e}"),
-            Err(e) => log::error!("state journal not compacted: {e}"),
+        let compacted = self
+            .with_state(|state, registry| state.compact_if_due(registry))
+            .await;
+        if let Some(Err(e)) = compacted {
+            log::error!("state journal not compacted: {e}");
         }
     }
 

@@ -249,14 +249,7 @@ impl Cli {
         let credentials = match &shared {
             None => Some(self.credentials(&file, &mut warnings)?),
             Some(_) => {
-                let none = None;
-                let given = [
-                    (&self.client_id, "TASKCLUSTER_CLIENT_ID"),
-                    (&self.access_token, "TASKCLUSTER_ACCESS_TOKEN"),
-                    (&self.certificate, "TASKCLUSTER_CERTIFICATE"),
-                ]
-                .iter()
-                .any(|(flag, var)| first_set(flag, var, &none).is_some())
+                let given = self.credentials_on_command_line()
                     || file.credentials != RawCredentials::default();
                 if given {
                     warnings.push(
@@ -349,15 +342,7 @@ impl Cli {
     ) -> Result<Credentials, ConfigError> {
         // Mixing a token from the environment with a certificate from the file would sign
         // with a mismatched set.
-        let none = None;
-        let from_cli = [
-            (&self.client_id, "TASKCLUSTER_CLIENT_ID"),
-            (&self.access_token, "TASKCLUSTER_ACCESS_TOKEN"),
-            (&self.certificate, "TASKCLUSTER_CERTIFICATE"),
-        ]
-        .iter()
-        .any(|(flag, var)| first_set(flag, var, &none).is_some());
-        let from_file = if from_cli {
+        let from_file = if self.credentials_on_command_line() {
             RawCredentials::default()
         } else {
             file.credentials.clone()
@@ -391,6 +376,18 @@ impl Cli {
         }
         Credentials::new(&client_id, &access_token, certificate.as_deref())
             .map_err(ConfigError::Credentials)
+    }
+
+    /// Whether any credential is given by flag or environment variable.
+    fn credentials_on_command_line(&self) -> bool {
+        let none = None;
+        [
+            (&self.client_id, "TASKCLUSTER_CLIENT_ID"),
+            (&self.access_token, "TASKCLUSTER_ACCESS_TOKEN"),
+            (&self.certificate, "TASKCLUSTER_CERTIFICATE"),
+        ]
+        .iter()
+        .any(|(flag, var)| first_set(flag, var, &none).is_some())
     }
 
     /// The admin API settings when shared mode is configured, checked for settings that

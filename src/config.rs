@@ -276,14 +276,8 @@ impl ProxyConfig {
             connect_to: section.connect_to,
             log_level: section.log_level,
             access_log: section.access_log,
-            metrics_address: section
-                .metrics_address
-                .map(|a| {
-                    a.parse::<SocketAddr>().map_err(|_| {
-                        invalid(format!("{SECTION}.metrics_address: {a:?} is not IP:PORT"))
-                    })
-                })
-                .transpose()?,
+            metrics_address: socket_address("metrics_address", section.metrics_address)
+                .map_err(invalid)?,
             timeouts,
             downstream_timeouts: section.downstream_timeouts,
             limits: section.limits,
@@ -292,17 +286,21 @@ impl ProxyConfig {
             admin_listen,
             hostname_allowlist: section.hostname_allowlist,
             admin_socket: section.admin_socket,
-            admin_address: section
-                .admin_address
-                .map(|a| {
-                    a.parse::<SocketAddr>().map_err(|_| {
-                        invalid(format!("{SECTION}.admin_address: {a:?} is not IP:PORT"))
-                    })
-                })
-                .transpose()?,
+            admin_address: socket_address("admin_address", section.admin_address)
+                .map_err(invalid)?,
             admin_token_file: section.admin_token_file,
         })
     }
+}
+
+/// An optional `IP:PORT` setting of our section.
+fn socket_address(key: &str, value: Option<String>) -> Result<Option<SocketAddr>, String> {
+    value
+        .map(|a| {
+            a.parse::<SocketAddr>()
+                .map_err(|_| format!("{SECTION}.{key}: {a:?} is not IP:PORT"))
+        })
+        .transpose()
 }
 
 fn listener(entry: ListenEntry) -> Result<Listener, String> {

@@ -22,7 +22,7 @@ use crate::endpoints::{self, MAX_BODY};
 use crate::limits::{DownstreamTimeouts, Limits, RateLimiter, RetryPolicy};
 use crate::metrics::{ConnectionGuard, Form, Labels, METRICS};
 use crate::policy::HostAllowlist;
-use crate::registry::{self, Caller, TaskEntry};
+use crate::registry::{self, Caller, TaskEntry, TokenHash};
 use crate::resolver::Resolver;
 use crate::routing::{self, Dispatch, Route};
 use crate::scopes;
@@ -189,11 +189,12 @@ impl TaskclusterProxy {
         ctx: &mut RequestCtx,
     ) -> std::result::Result<(Arc<TaskEntry>, usize), registry::Unidentified> {
         let raw = session.req_header().raw_path();
+        // Hashed once: the digest is what the registry keys and compares.
         let (token, offset) = match registry::split_task_prefix(raw) {
-            Some((token, rest)) => (Some(token), raw.len() - rest.len()),
+            Some((token, rest)) => (Some(TokenHash::of(token)), raw.len() - rest.len()),
             None => (None, 0),
         };
-        let needs_uid = match token {
+        let needs_uid = match &token {
             Some(token) => registry
                 .by_token(token)
                 .is_some_and(|e| e.binding.uid.is_some()),
@@ -214,7 +215,7 @@ impl TaskclusterProxy {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip().to_canonical());
-        let entry = registry.identify(token, &Caller { uid, ip })?;
+        let entry = registry.identify(token.as_ref(), &Caller { uid, ip })?;
         Ok((entry, offset))
     }
 

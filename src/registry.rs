@@ -427,6 +427,14 @@ impl<K: Hash + Eq, V: Clone> ShardedMap<K, V> {
         shard.remove(key)
     }
 
+    /// Removes the value at `key` if `pred` holds for it.
+    pub fn remove_if(&self, key: &K, pred: impl FnOnce(&V) -> bool) {
+        let mut shard = self.shard(key).write().unwrap_or_else(|e| e.into_inner());
+        if shard.get(key).is_some_and(pred) {
+            shard.remove(key);
+        }
+    }
+
     /// Every value (one shard locked at a time).
     pub fn values(&self) -> Vec<V> {
         let mut out = Vec::new();
@@ -490,21 +498,20 @@ impl Registry {
     }
 
     /// The task holding `token`, if any (to learn whether its binding needs the caller's uid).
-    pub fn by_token(&self, token: &[u8]) -> Option<Arc<TaskEntry>> {
-        self.by_token.get(&TokenHash::of(token))
+    pub fn by_token(&self, token: &TokenHash) -> Option<Arc<TaskEntry>> {
+        self.by_token.get(token)
     }
 
     /// The one live task a request belongs to. With a token only the token's task is
     /// considered; without, the tasks bound to the caller's uid or address, which must agree.
     pub fn identify(
         &self,
-        token: Option<&[u8]>,
+        token: Option<&TokenHash>,
         caller: &Caller,
     ) -> Result<Arc<TaskEntry>, Unidentified> {
-        if let Some(token) = token {
-            let hash = TokenHash::of(token);
-            let entry = self.by_token.get(&hash).ok_or(Unidentified::UnknownToken)?;
-            return if entry.binding.admits(Some(&hash), caller) {
+        if let Some(hash) = token {
+            let entry = self.by_token.get(hash).ok_or(Unidentified::UnknownToken)?;
+            return if entry.binding.admits(Some(hash), caller) {
                 Ok(entry)
             } else {
                 Err(Unidentified::WrongCaller)
@@ -595,23 +602,17 @@ impl Registry {
     fn remove_entry(&self, task_id: &str, end: bool) -> Option<Arc<TaskEntry>> {
         let entry = self.by_task.remove(&task_id.to_string())?;
         let b = entry.binding;
-        let same = |e: &Arc<TaskEntry>| Arc::ptr_eq(e, &entry);
         // Only this entry's own index slots are cleared.
+        let same = |e: &Arc<TaskEntry>| Arc::ptr_eq(e, &entry);
         if let Some(token) = b.token {
-            if self.by_token.get(&token).is_some_and(|e| same(&e)) {
-                self.by_token.remove(&token);
-            }
+            self.by_token.remove_if(&token, same);
         }
         if let Some(uid) = b.uid {
-            if self.by_uid.get(&uid).is_some_and(|e| same(&e)) {
-                self.by_uid.remove(&uid);
-            }
+            self.by_uid.remove_if(&uid, same);
             self.uid_bindings.fetch_sub(1, Ordering::Relaxed);
         }
         if let Some(ip) = b.ip {
-            if self.by_ip.get(&ip).is_some_and(|e| same(&e)) {
-                self.by_ip.remove(&ip);
-            }
+            self.by_ip.remove_if(&ip, same);
         }
         self.len.fetch_sub(1, Ordering::Relaxed);
         if end {
@@ -627,20 +628,9 @@ impl Registry {
         tasks
     }
 
-    /// The registry as stored, with `change` applied: `Some(entry)` adds or replaces that
-    /// task, `None` removes `task_id`.
-    pub fn stored_with(&self, task_id: &str, change: Option<&TaskEntry>) -> Vec<StoredTask> {
-        let mut stored: Vec<StoredTask> = self
-            .tasks()
-            .iter()
-            .filter(|e| e.task_id != task_id)
-            .map(|e| e.to_stored())
-            .collect();
-        if let Some(entry) = change {
-            stored.push(entry.to_stored());
-        }
-        stored.sort_by(|a, b| a.task_id.cmp(&b.task_id));
-        stored
+    /// The registry as stored, sorted by task id.
+    pub fn stored(&self) -> Vec<StoredTask> {
+        self.tasks().iter().map(|e| e.to_stored()).collect()
     }
 
     /// Makes the registry equal to `tasks` (state written by another process). Unchanged
@@ -727,6 +717,10 @@ mod tests {
     const TOKEN_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaAAAA";
     const TOKEN_B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbBBBB";
 
+    fn tok(token: &str) -> TokenHash {
+        TokenHash::of(token.as_bytes())
+    }
+
     fn registration(client: &str, identity: &str) -> Registration {
         Registration::from_json(
             format!(
@@ -758,17 +752,15 @@ mod tests {
         assert_eq!(register(&r, "A", "a", &a), Registered::Created);
         assert_eq!(register(&r, "B", "b", &b), Registered::Created);
         let anyone = caller(Some(1000), Some("10.0.0.9"));
-        let found = r.identify(Some(TOKEN_A.as_bytes()), &anyone).unwrap();
+        let found = r.identify(Some(&tok(TOKEN_A)), &anyone).unwrap();
         assert_eq!(found.store.current().client_id(), "a");
         assert_eq!(
-            r.identify(Some(TOKEN_B.as_bytes()), &anyone).unwrap_err(),
+            r.identify(Some(&tok(TOKEN_B)), &anyone).unwrap_err(),
             Unidentified::WrongCaller
         );
         let from_b = caller(None, Some("10.0.0.2"));
         assert_eq!(
-            r.identify(Some(TOKEN_B.as_bytes()), &from_b)
-                .unwrap()
-                .task_id,
+            r.identify(Some(&tok(TOKEN_B)), &from_b).unwrap().task_id,
             "B"
         );
         // B's address alone is not enough: B is token-bound.
@@ -777,7 +769,7 @@ mod tests {
             Unidentified::NoMatch
         );
         assert_eq!(
-            r.identify(Some(b"cccccccccccccccccccccccccccccccccccc"), &anyone)
+            r.identify(Some(&tok("cccccccccccccccccccccccccccccccccccc")), &anyone)
                 .unwrap_err(),
             Unidentified::UnknownToken
         );
@@ -836,7 +828,7 @@ mod tests {
         assert!(r.is_empty());
         assert!(!r.has_uid_bindings());
         assert_eq!(
-            r.identify(Some(TOKEN_A.as_bytes()), &Caller::default())
+            r.identify(Some(&tok(TOKEN_A)), &Caller::default())
                 .unwrap_err(),
             Unidentified::UnknownToken
         );
@@ -849,8 +841,8 @@ mod tests {
         let r = Registry::new();
         register(&r, "A", "a", &format!(r#"{{"token":"{TOKEN_A}"}}"#));
         register(&r, "A", "a", &format!(r#"{{"token":"{TOKEN_B}"}}"#));
-        assert!(r.by_token(TOKEN_A.as_bytes()).is_none());
-        assert_eq!(r.by_token(TOKEN_B.as_bytes()).unwrap().task_id, "A");
+        assert!(r.by_token(&tok(TOKEN_A)).is_none());
+        assert_eq!(r.by_token(&tok(TOKEN_B)).unwrap().task_id, "A");
     }
 
     #[test]
@@ -918,7 +910,8 @@ mod tests {
         register(&r, "A", "a", &format!(r#"{{"token":"{TOKEN_A}"}}"#));
         register(&r, "B", "b", r#"{"uid":9}"#);
         let held_a = r.get("A").unwrap();
-        let mut stored = r.stored_with("B", None);
+        let mut stored = r.stored();
+        stored.retain(|t| t.task_id != "B");
         stored[0].credentials =
             StoredCredentials::from(&Credentials::new("a2", "t2", None).unwrap());
         r.adopt(stored);
@@ -930,10 +923,10 @@ mod tests {
         assert_eq!(held_a.store.current().client_id(), "a2");
         // Round trip through the stored form: the token still identifies the task.
         let other = Registry::new();
-        other.adopt(r.stored_with("", None));
+        other.adopt(r.stored());
         assert_eq!(
             other
-                .identify(Some(TOKEN_A.as_bytes()), &Caller::default())
+                .identify(Some(&tok(TOKEN_A)), &Caller::default())
                 .unwrap()
                 .task_id,
             "A"

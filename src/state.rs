@@ -110,6 +110,33 @@ struct Stamp {
     len: u64,
 }
 
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            ino: meta.ino(),
+            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
+            len: meta.len(),
+        }
+    }
+}
+
+/// Atomically replaces `path` with a new private (0600) file holding `contents`, synced.
+fn replace_file(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp.{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    file.write_all(contents)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// One change to the task registry, as journalled.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -221,12 +248,7 @@ impl StateFile {
                 format!("format {} is not {FORMAT}", doc.format),
             ));
         }
-        let stamp = Stamp {
-            ino: meta.ino(),
-            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-            len: meta.len(),
-        };
-        Ok(Some((doc, stamp)))
+        Ok(Some((doc, Stamp::of(&meta))))
     }
 
     fn stored(&self, doc: Document) -> Result<Stored, StateError> {
@@ -367,20 +389,7 @@ impl StateFile {
             tasks,
         };
         let json = serde_json::to_vec(&doc).expect("state serialises");
-        let tmp = self
-            .path
-            .with_extension(format!("tmp.{}", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(io)?;
-        file.write_all(&json).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        replace_file(&self.path, &json).map_err(io)?;
         self.generation.fetch_max(generation, Ordering::SeqCst);
         Ok(())
     }
@@ -392,18 +401,7 @@ impl StateFile {
     /// Replaces the journal with an empty one (a new file: readers notice the new inode).
     fn reset_journal(&self) -> Result<(), StateError> {
         let path = self.journal_path();
-        let io = |e| StateError::Io(path.display().to_string(), e);
-        let tmp = path.with_extension(format!("journal.tmp.{}", std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)
-            .map_err(io)?;
-        file.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)
+        replace_file(&path, b"").map_err(|e| StateError::Io(path.display().to_string(), e))
     }
 
     /// The complete journal lines after `cursor` (from the start if the journal was
@@ -460,21 +458,13 @@ impl StateFile {
     pub fn sync_tasks(&self, registry: &Registry) -> Result<bool, StateError> {
         let mut cursor = self.journal.lock().unwrap_or_else(|e| e.into_inner());
         let mut changed = false;
-        if self.changed_stamp()?.is_some() {
-            if let Some((doc, stamp)) = self.read()? {
-                *self.last_seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(stamp);
-                if doc.generation > self.generation.load(Ordering::SeqCst) {
-                    let generation = doc.generation;
-                    if let Stored::Shared(tasks) = self.stored(doc)? {
-                        log::info!("adopting task registry generation {generation} written by another process");
-                        registry.adopt(tasks);
-                        changed = true;
-                    }
-                    self.generation.store(generation, Ordering::SeqCst);
-                    // Journal lines up to the snapshot are in it; later ones follow.
-                    *cursor = JournalCursor::default();
-                }
+        if let Some(stored) = self.poll()? {
+            if let Stored::Shared(tasks) = stored {
+                registry.adopt(tasks);
+                changed = true;
             }
+            // Journal lines up to the snapshot are in it; later ones follow.
+            *cursor = JournalCursor::default();
         }
         for line in self.read_journal(&mut cursor)? {
             if line.generation <= self.generation.load(Ordering::SeqCst) {
@@ -525,7 +515,7 @@ impl StateFile {
         let lock = self.lock()?;
         self.sync_tasks(registry)?;
         let generation = self.generation.load(Ordering::SeqCst);
-        self.write_doc(generation, None, None, Some(registry.stored_with("", None)))?;
+        self.write_doc(generation, None, None, Some(registry.stored()))?;
         // Our own snapshot need not be read back.
         if let Ok(Some(stamp)) = self.changed_stamp() {
             *self.last_seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(stamp);
@@ -543,11 +533,7 @@ impl StateFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(StateError::Io(self.name(), e)),
         };
-        let stamp = Stamp {
-            ino: meta.ino(),
-            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-            len: meta.len(),
-        };
+        let stamp = Stamp::of(&meta);
         let last_seen = self.last_seen.lock().unwrap_or_else(|e| e.into_inner());
         Ok((*last_seen != Some(stamp)).then_some(stamp))
     }
@@ -577,24 +563,13 @@ impl StateFile {
     /// The file's state if another process wrote a newer generation since this process last
     /// read or wrote it. Blocking file I/O.
     pub fn poll(&self) -> Result<Option<Stored>, StateError> {
-        let meta = match std::fs::symlink_metadata(&self.path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StateError::Io(self.name(), e)),
-        };
-        let stamp = Stamp {
-            ino: meta.ino(),
-            mtime_ns: meta.mtime() * 1_000_000_000 + meta.mtime_nsec(),
-            len: meta.len(),
-        };
-        let mut last_seen = self.last_seen.lock().unwrap_or_else(|e| e.into_inner());
-        if *last_seen == Some(stamp) {
+        if self.changed_stamp()?.is_none() {
             return Ok(None);
         }
         let Some((doc, stamp)) = self.read()? else {
             return Ok(None);
         };
-        *last_seen = Some(stamp);
+        *self.last_seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(stamp);
         if doc.generation <= self.generation.load(Ordering::SeqCst) {
             return Ok(None);
         }
@@ -692,7 +667,7 @@ mod tests {
         )
         .unwrap();
         registry.insert(crate::registry::Registry::entry("T", reg, 1));
-        let tasks = registry.stored_with("", None);
+        let tasks = registry.stored();
         assert_eq!(a.persist_tasks(tasks.clone()).unwrap(), 1);
         assert_eq!(
             StateFile::new(path.clone()).load().unwrap(),

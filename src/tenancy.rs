@@ -25,7 +25,7 @@ impl Tenancy {
     pub async fn sync(&self, state: &Arc<StateFile>) -> Result<(), StateError> {
         let state = state.clone();
         let joined = |e: tokio::task::JoinError| {
-            StateError::Io(state_name(&state), std::io::Error::other(e.to_string()))
+            StateError::Io(state.path().display().to_string(), std::io::Error::other(e))
         };
         match self {
             Tenancy::Single(store) => {
@@ -54,8 +54,4 @@ impl Tenancy {
         }
         Ok(())
     }
-}
-
-fn state_name(state: &StateFile) -> String {
-    state.path().display().to_string()
 }
