@@ -54,17 +54,9 @@ impl AdminToken {
     /// Reads the token file: private to its owner, at least [`MIN_ADMIN_TOKEN`] characters
     /// once surrounding whitespace is trimmed.
     pub fn from_file(path: &Path) -> Result<Self, AdminTokenError> {
-        use std::os::unix::fs::MetadataExt;
         let err =
             |why: String| AdminTokenError(format!("admin token file {}: {why}", path.display()));
-        let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
-        if meta.mode() & 0o077 != 0 {
-            return Err(err(format!(
-                "mode {:04o} lets other users read it; chmod 600",
-                meta.mode() & 0o7777
-            )));
-        }
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let text = crate::config::read_private_file(path).map_err(err)?;
         Self::new(text.trim()).map_err(|e| err(e.0))
     }
 

@@ -337,18 +337,22 @@ fn parse_mode(mode: ModeEntry) -> Result<u32, String> {
     })
 }
 
-/// Reads `{"clientId","accessToken","certificate"?}` from a file only its owner can read.
-fn read_credentials_file(path: &Path) -> Result<RawCredentials, ConfError> {
-    let name = path.display().to_string();
-    let err = |e: String| ConfError::CredentialsFile(name.clone(), e);
-    let meta = std::fs::metadata(path).map_err(|e| err(e.to_string()))?;
+/// Reads a file holding secrets, refusing it unless only its owner can read it.
+pub fn read_private_file(path: &Path) -> Result<String, String> {
+    let meta = std::fs::metadata(path).map_err(|e| e.to_string())?;
     if meta.mode() & 0o077 != 0 {
-        return Err(err(format!(
+        return Err(format!(
             "mode {:04o} lets group or others read it; it must not be group/world readable (chmod 600)",
             meta.mode() & 0o7777
-        )));
+        ));
     }
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    std::fs::read_to_string(path).map_err(|e| e.to_string())
+}
+
+/// Reads `{"clientId","accessToken","certificate"?}` from a file only its owner can read.
+fn read_credentials_file(path: &Path) -> Result<RawCredentials, ConfError> {
+    let err = |e: String| ConfError::CredentialsFile(path.display().to_string(), e);
+    let text = read_private_file(path).map_err(err)?;
     // JSON is YAML, so one parser reads both forms.
     serde_yaml::from_str(&text).map_err(|e| err(e.to_string()))
 }
