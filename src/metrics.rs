@@ -52,11 +52,18 @@ const STATUSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
 pub const ERROR_KINDS: [&str; 5] = ["refused", "timeout", "tls", "resolve", "other"];
 
 /// What a request was, as label indexes.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Labels {
     form: usize,
     service: usize,
     method: usize,
+}
+
+/// Not routed (yet): `invalid`, no service, method `OTHER`.
+impl Default for Labels {
+    fn default() -> Self {
+        Labels::new(Form::Invalid, None, "")
+    }
 }
 
 impl Labels {
