@@ -351,15 +351,7 @@ const NOT_YET: &str = "connection admission is not implemented in this version y
 /// while the binary still refuses the admission flags.
 fn proxy_with(tc: &support::FakeTc, extra: &[&str]) -> Option<support::ProxyProcess> {
     let root = tc.root_url();
-    let mut args = vec![
-        "--root-url",
-        root.as_str(),
-        "--client-id",
-        CLIENT_ID,
-        "--access-token",
-        ACCESS_TOKEN,
-    ];
-    args.extend_from_slice(extra);
+    let args = support::default_args(&root, extra);
     match support::ProxyProcess::try_spawn(&args, &[]) {
         Ok(p) => Some(p),
         Err(e) if e.contains(NOT_YET) => {

@@ -95,14 +95,7 @@ fn missing_access_token() {
     );
 }
 
-const GOOD: &[&str] = &[
-    "--root-url",
-    "https://tc.example.com",
-    "--client-id",
-    "c",
-    "--access-token",
-    "t",
-];
+const GOOD: &[&str] = support::SETTINGS_ARGS;
 
 #[test]
 fn invalid_ip_address() {

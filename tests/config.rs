@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use support::client::Conn;
-use support::creds::fresh_temp_creds;
+use support::creds::{fresh_temp_creds, TempCreds};
 use support::process::{connection_refused, free_addr, mode_of, yq, Proc, TestDir};
 use support::proxy::{free_port, run_to_exit};
 use support::{
@@ -47,6 +47,44 @@ fn conf_with(dir: &TestDir, section: &str) -> String {
     )
 }
 
+/// `root_url:` of `tc` + the default permanent `credentials:` + `extra`.
+fn default_section(tc: &FakeTc, extra: &str) -> String {
+    section_for(&tc.root_url(), CLIENT_ID, ACCESS_TOKEN, extra)
+}
+
+/// `root_url: root` + `credentials:` of `client_id` + `extra`.
+fn section_for(root: &str, client_id: &str, token: &str, extra: &str) -> String {
+    format!(
+        "  root_url: {}\n{}{extra}",
+        yq(root),
+        creds_yaml(client_id, token)
+    )
+}
+
+/// [`conf_with`] a [`default_section`].
+fn default_conf(dir: &TestDir, tc: &FakeTc, extra: &str) -> String {
+    conf_with(dir, &default_section(tc, extra))
+}
+
+/// Temporary credentials named `name`, issued by the default client with `queue:*`.
+fn temp_creds(name: &str) -> TempCreds {
+    fresh_temp_creds(&default_client(), Some(name), &["queue:*"])
+}
+
+/// [`conf_with`] `root_url:` of `tc` and `tmp` as inline `credentials:` with a certificate.
+fn temp_creds_conf(dir: &TestDir, tc: &FakeTc, tmp: &TempCreds) -> String {
+    conf_with(
+        dir,
+        &format!(
+            "  root_url: {}\n  credentials:\n    client_id: {}\n    access_token: {}\n    certificate: {}\n",
+            yq(&tc.root_url()),
+            yq(&tmp.client_id),
+            yq(&tmp.access_token),
+            yq(&tmp.certificate)
+        ),
+    )
+}
+
 /// GET through the proxy at `addr`; asserts 200 and a signature the fake accepted.
 #[track_caller]
 fn whoami_at(addr: SocketAddr) -> Response {
@@ -54,6 +92,13 @@ fn whoami_at(addr: SocketAddr) -> Response {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_auth_ok(&r.json());
     r
+}
+
+/// Start the proxy with `-c conf` and [`whoami_at`] it.
+#[track_caller]
+fn whoami_with_conf(conf: &str) -> Response {
+    let proxy = ProxyProcess::spawn(&["-c", conf], &[]);
+    whoami_at(proxy.addr())
 }
 
 fn signer(r: &Response) -> Value {
@@ -214,15 +259,7 @@ fn test_conf_validates_without_listening() {
 
     // command-line settings only
     let (code, out, err) = run_to_exit(
-        &[
-            "--test-conf",
-            "--root-url",
-            "https://tc.example.com",
-            "--client-id",
-            "c",
-            "--access-token",
-            "t",
-        ],
+        &[&["--test-conf"], support::SETTINGS_ARGS].concat(),
         &[],
         TIMEOUT,
     );
@@ -251,14 +288,7 @@ fn test_conf_validates_without_listening() {
 fn yaml_root_url_and_credentials_are_used() {
     let tc = support::fake();
     let dir = TestDir::new();
-    let conf = conf_with(
-        &dir,
-        &format!(
-            "  root_url: {}\n{}",
-            yq(&tc.root_url()),
-            creds_yaml(CLIENT_ID, ACCESS_TOKEN)
-        ),
-    );
+    let conf = default_conf(&dir, &tc, "");
     let proxy = ProxyProcess::spawn(&["-c", &conf], &[]);
     let r = whoami_at(proxy.addr());
     assert_eq!(signer(&r), json!(CLIENT_ID));
@@ -283,11 +313,7 @@ fn env_beats_yaml() {
     let dir = TestDir::new();
     let conf = conf_with(
         &dir,
-        &format!(
-            "  root_url: {}\n{}",
-            yq(&dead_root()),
-            creds_yaml(CLIENT_ID, ACCESS_TOKEN)
-        ),
+        &section_for(&dead_root(), CLIENT_ID, ACCESS_TOKEN, ""),
     );
     let root = tc.root_url();
     // root URL from the environment, credentials from the YAML file
@@ -319,10 +345,11 @@ fn flags_beat_env_and_yaml() {
     let dir = TestDir::new();
     let conf = conf_with(
         &dir,
-        &format!(
-            "  root_url: {}\n{}  authorized_scopes: [\"queue:from-yaml\"]\n",
-            yq(&dead_root()),
-            creds_yaml(CLIENT2_ID, ACCESS_TOKEN2)
+        &section_for(
+            &dead_root(),
+            CLIENT2_ID,
+            ACCESS_TOKEN2,
+            "  authorized_scopes: [\"queue:from-yaml\"]\n",
         ),
     );
     let root = tc.root_url();
@@ -418,13 +445,10 @@ fn yaml_task_id_adds_the_task_scopes() {
         ..Default::default()
     });
     let dir = TestDir::new();
-    let conf = conf_with(
+    let conf = default_conf(
         &dir,
-        &format!(
-            "  root_url: {}\n{}  task_id: TaskFromYaml01\n  authorized_scopes: [\"queue:from-yaml\"]\n",
-            yq(&tc.root_url()),
-            creds_yaml(CLIENT_ID, ACCESS_TOKEN)
-        ),
+        &tc,
+        "  task_id: TaskFromYaml01\n  authorized_scopes: [\"queue:from-yaml\"]\n",
     );
     let proxy = ProxyProcess::spawn(&["-c", &conf], &[]);
     assert_eq!(tc.task_fetches(), 1, "the task is fetched once at start-up");
@@ -438,22 +462,9 @@ fn yaml_task_id_adds_the_task_scopes() {
 #[test]
 fn yaml_inline_temporary_credentials() {
     let tc = support::fake();
-    let tmp = fresh_temp_creds(
-        &default_client(),
-        Some("proxy-test/temp/yaml"),
-        &["queue:*"],
-    );
+    let tmp = temp_creds("proxy-test/temp/yaml");
     let dir = TestDir::new();
-    let conf = conf_with(
-        &dir,
-        &format!(
-            "  root_url: {}\n  credentials:\n    client_id: {}\n    access_token: {}\n    certificate: {}\n",
-            yq(&tc.root_url()),
-            yq(&tmp.client_id),
-            yq(&tmp.access_token),
-            yq(&tmp.certificate)
-        ),
-    );
+    let conf = temp_creds_conf(&dir, &tc, &tmp);
     let proxy = ProxyProcess::spawn(&["-c", &conf], &[]);
     let r = whoami_at(proxy.addr());
     assert_eq!(signer(&r), json!("proxy-test/temp/yaml"));
@@ -484,8 +495,7 @@ fn yaml_ca_file_and_connect_to() {
             tc.port()
         ),
     );
-    let proxy = ProxyProcess::spawn(&["-c", &conf], &[]);
-    let r = whoami_at(proxy.addr());
+    let r = whoami_with_conf(&conf);
     assert_eq!(r.json()["host"], json!("tc.example.com"));
     assert_eq!(signer(&r), json!(CLIENT_ID));
 }
@@ -494,13 +504,10 @@ fn yaml_ca_file_and_connect_to() {
 fn yaml_upstream_read_timeout_applies() {
     let tc = support::fake();
     let dir = TestDir::new();
-    let conf = conf_with(
+    let conf = default_conf(
         &dir,
-        &format!(
-            "  root_url: {}\n{}  upstream_timeouts:\n    connect_seconds: 5\n    read_seconds: 1\n",
-            yq(&tc.root_url()),
-            creds_yaml(CLIENT_ID, ACCESS_TOKEN)
-        ),
+        &tc,
+        "  upstream_timeouts:\n    connect_seconds: 5\n    read_seconds: 1\n",
     );
     let proxy = ProxyProcess::spawn(&["-c", &conf], &[]);
     let mut conn =
@@ -526,13 +533,7 @@ fn yaml_log_level() {
     }
     let tc = support::fake();
     let dir = TestDir::new();
-    let section = |level: &str| {
-        format!(
-            "  root_url: {}\n{}  log_level: {level}\n",
-            yq(&tc.root_url()),
-            creds_yaml(CLIENT_ID, ACCESS_TOKEN)
-        )
-    };
+    let section = |level: &str| default_section(&tc, &format!("  log_level: {level}\n"));
     let conf = conf_with(&dir, &section("error"));
     let proxy = ProxyProcess::spawn(&["-c", &conf], &[]);
     whoami_at(proxy.addr());
@@ -584,14 +585,7 @@ fn listeners_tcp_v4_v6_and_unix_sockets_with_modes() {
         yq(&sock_b.to_string_lossy()),
         yq(&sock_c.to_string_lossy()),
     ));
-    let conf = conf_with(
-        &dir,
-        &format!(
-            "{listen}  root_url: {}\n{}",
-            yq(&tc.root_url()),
-            creds_yaml(CLIENT_ID, ACCESS_TOKEN)
-        ),
-    );
+    let conf = conf_with(&dir, &format!("{listen}{}", default_section(&tc, "")));
     let mut p = Proc::start(&["-c", &conf], &[]);
     p.expect_tcp(v4);
     for addr in std::iter::once(v4).chain(v6) {
@@ -619,9 +613,7 @@ fn listeners_tcp_v4_v6_and_unix_sockets_with_modes() {
             let r = conn
                 .request("POST", target.as_bytes(), &[], b"{\"over\":\"unix\"}")
                 .unwrap_or_else(|e| panic!("request over {}: {e}", sock.display()));
-            assert_eq!(r.status, 200, "{}", r.text());
-            let e = r.json();
-            assert_auth_ok(&e);
+            let e = support::ok_echo(&r);
             assert_eq!(e["target"], json!(format!("/api/queue/v1/over-unix/{i}")));
             assert_eq!(e["body_len"], json!(15));
         }
@@ -641,10 +633,9 @@ fn stale_unix_socket_file_is_replaced() {
     let conf = conf_with(
         &dir,
         &format!(
-            "  listen:\n    - address: \"{addr}\"\n    - unix: {}\n      mode: \"0600\"\n  root_url: {}\n{}",
+            "  listen:\n    - address: \"{addr}\"\n    - unix: {}\n      mode: \"0600\"\n{}",
             yq(&sock.to_string_lossy()),
-            yq(&tc.root_url()),
-            creds_yaml(CLIENT_ID, ACCESS_TOKEN)
+            default_section(&tc, "")
         ),
     );
     let mut p = Proc::start(&["-c", &conf], &[]);
@@ -667,10 +658,9 @@ fn command_line_listen_replaces_yaml_listen() {
     let conf = conf_with(
         &dir,
         &format!(
-            "  listen:\n    - address: \"{yaml_addr}\"\n    - unix: {}\n  root_url: {}\n{}",
+            "  listen:\n    - address: \"{yaml_addr}\"\n    - unix: {}\n{}",
             yq(&sock.to_string_lossy()),
-            yq(&tc.root_url()),
-            creds_yaml(CLIENT_ID, ACCESS_TOKEN)
+            default_section(&tc, "")
         ),
     );
     let proxy = ProxyProcess::spawn(&["-c", &conf], &[]); // adds -p <free> -i 127.0.0.1
@@ -712,17 +702,11 @@ fn credentials_file_with_mode_0600() {
     let conf = creds_file_conf(&dir, &tc, &file);
     let (code, out, err) = run_to_exit(&["--test-conf", "-c", &conf], &[], TIMEOUT);
     assert_eq!(code, Some(0), "stdout: {out}\nstderr: {err}");
-    let proxy = ProxyProcess::spawn(&["-c", &conf], &[]);
-    let r = whoami_at(proxy.addr());
+    let r = whoami_with_conf(&conf);
     assert_eq!(signer(&r), json!(CLIENT2_ID));
-    drop(proxy);
 
     // temporary credentials in the file; 0400 is fine too
-    let tmp = fresh_temp_creds(
-        &default_client(),
-        Some("proxy-test/temp/file"),
-        &["queue:*"],
-    );
+    let tmp = temp_creds("proxy-test/temp/file");
     let file = dir.write_mode(
         "temp-credentials.json",
         &json!({"clientId": tmp.client_id, "accessToken": tmp.access_token, "certificate": tmp.certificate}).to_string(),
@@ -977,16 +961,7 @@ fn nonexistent_config_file_is_an_error() {
     for args in [
         vec!["-c", missing.as_str()],
         vec!["--conf", missing.as_str(), "--test-conf"],
-        vec![
-            "-c",
-            missing.as_str(),
-            "--root-url",
-            "https://tc.example.com",
-            "--client-id",
-            "c",
-            "--access-token",
-            "t",
-        ],
+        [&["-c", missing.as_str()], support::SETTINGS_ARGS].concat(),
     ] {
         let (code, out, err) = run_to_exit(&args, &[], TIMEOUT);
         assert!(
@@ -1006,22 +981,9 @@ fn nonexistent_config_file_is_an_error() {
 #[test]
 fn environment_credentials_do_not_mix_with_a_file_certificate() {
     let tc = support::fake();
-    let tmp = fresh_temp_creds(
-        &default_client(),
-        Some("proxy-test/temp/file"),
-        &["queue:*"],
-    );
+    let tmp = temp_creds("proxy-test/temp/file");
     let dir = TestDir::new();
-    let conf = conf_with(
-        &dir,
-        &format!(
-            "  root_url: {}\n  credentials:\n    client_id: {}\n    access_token: {}\n    certificate: {}\n",
-            yq(&tc.root_url()),
-            yq(&tmp.client_id),
-            yq(&tmp.access_token),
-            yq(&tmp.certificate)
-        ),
-    );
+    let conf = temp_creds_conf(&dir, &tc, &tmp);
     let proxy = ProxyProcess::spawn(
         &["-c", &conf],
         &[
@@ -1049,10 +1011,9 @@ fn unix_socket_defaults_to_owner_only() {
     let conf = conf_with(
         &dir,
         &format!(
-            "  listen:\n    - address: \"127.0.0.1:{port}\"\n    - unix: {}\n  root_url: {}\n{}",
+            "  listen:\n    - address: \"127.0.0.1:{port}\"\n    - unix: {}\n{}",
             yq(&sock),
-            yq(&tc.root_url()),
-            creds_yaml(CLIENT_ID, ACCESS_TOKEN)
+            default_section(&tc, "")
         ),
     );
     let mut p = Proc::start(&["-c", &conf], &[]);
@@ -1074,9 +1035,8 @@ fn second_instance_on_a_taken_address_fails_fast() {
     let conf = conf_with(
         &dir,
         &format!(
-            "  listen:\n    - address: \"127.0.0.1:{port}\"\n  root_url: {}\n{}",
-            yq(&tc.root_url()),
-            creds_yaml(CLIENT_ID, ACCESS_TOKEN)
+            "  listen:\n    - address: \"127.0.0.1:{port}\"\n{}",
+            default_section(&tc, "")
         ),
     );
     let mut first = Proc::start(&["-c", &conf], &[]);

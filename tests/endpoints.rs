@@ -6,8 +6,7 @@ mod support;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use serde_json::{json, Value};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use support::client::{self, try_send};
 use support::creds::fresh_temp_creds;
@@ -135,19 +134,7 @@ fn bewit_with_temporary_credentials() {
         &["queue:*"],
     );
     let root = tc.root_url();
-    let proxy = ProxyProcess::spawn(
-        &[
-            "--root-url",
-            &root,
-            "--client-id",
-            &tmp.client_id,
-            // `=` form: a base64url token may start with `-`
-            &format!("--access-token={}", tmp.access_token),
-            "--certificate",
-            &tmp.certificate,
-        ],
-        &[],
-    );
+    let proxy = support::proxy_with_temp_creds(&tc, &tmp);
     let signed = bewit(&proxy, &format!("{root}/api/queue/v1/z?b=2&a=1"));
     let e = fetch_from_fake(&tc, &signed);
     assert_eq!(e["auth"]["clientId"], json!("proxy-test/temp/bewit"));
@@ -181,9 +168,7 @@ fn bewit_errors() {
 
 fn client_id_seen(proxy: &ProxyProcess) -> Value {
     let r = send(proxy.addr(), "GET", b"/queue/v1/whoami", &[], b"");
-    assert_eq!(r.status, 200, "{}", r.text());
-    let e = r.json();
-    assert_auth_ok(&e);
+    let e = support::ok_echo(&r);
     e["auth"]["clientId"].clone()
 }
 
@@ -324,26 +309,8 @@ fn credentials_rotation_does_not_wait_for_in_flight_download() {
     let proxy = proxy_for(&tc, &[]);
     const N: u64 = 40 * 64 * 1024; // 40 chunks, 25 ms apart: ~1 s
     let addr = proxy.addr();
-    let (tx, rx) = mpsc::channel();
-    let received = Arc::new(AtomicU64::new(0));
-    let received2 = received.clone();
-    let downloader = std::thread::spawn(move || {
-        let mut signalled = false;
-        client::download_with_progress(
-            addr,
-            &format!("/queue/v1/__download/{N}?slow_ms=25"),
-            &[],
-            &mut |n| {
-                received2.store(n, Ordering::SeqCst);
-                if !signalled && n >= 64 * 1024 {
-                    signalled = true;
-                    let _ = tx.send(());
-                }
-            },
-        )
-    });
-    rx.recv_timeout(Duration::from_secs(20))
-        .expect("download did not start streaming");
+    let (downloader, received) =
+        client::slow_download(addr, N, 25, 64 * 1024, "download did not start streaming");
     let body = json!({"clientId": CLIENT2_ID, "accessToken": ACCESS_TOKEN2}).to_string();
     let start = Instant::now();
     let r = put_credentials(&proxy, body.as_bytes());
@@ -378,17 +345,7 @@ fn credentials_rotation_does_not_wait_for_in_flight_download() {
 fn upstream_down_gives_502_and_proxy_survives() {
     let closed_port = support::proxy::free_port();
     let root = format!("http://127.0.0.1:{closed_port}");
-    let mut proxy = ProxyProcess::spawn(
-        &[
-            "--root-url",
-            &root,
-            "--client-id",
-            CLIENT_ID,
-            "--access-token",
-            ACCESS_TOKEN,
-        ],
-        &[],
-    );
+    let mut proxy = support::proxy_at(&root, &[], &[]);
     for _ in 0..2 {
         let start = Instant::now();
         let r = send(proxy.addr(), "GET", b"/queue/v1/x", &[], b"");

@@ -6,8 +6,9 @@ mod support;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde_json::{json, Value};
+use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use support::client::{self, Conn};
+use support::client::{self, Conn, Response};
 use support::creds;
 use support::fake_tc::{sha256_hex, FakeTc, FakeTcOptions};
 use support::pattern;
@@ -135,6 +136,23 @@ fn verify_vec(v: &Vector) -> Result<verify::AuthInfo, String> {
         v.target,
         v.authorization,
         at(v.now),
+    )
+}
+
+/// `method B1_TARGET` for `tc.example.com:443` with `authorization`, verified at `now`.
+fn verify_b1(
+    method: &str,
+    authorization: Option<&str>,
+    now: u64,
+) -> Result<verify::AuthInfo, String> {
+    verify_request(
+        &spec_clients(),
+        method,
+        "tc.example.com",
+        443,
+        B1_TARGET,
+        authorization,
+        at(now),
     )
 }
 
@@ -345,58 +363,15 @@ fn negative_checks_of_spec_8_4() {
     let e = h3.unwrap_err();
     assert!(e.contains("ext.certificate.expiry < now"), "{e}");
 
-    let b1 = verify_request(
-        &spec_clients(),
-        "GET",
-        "tc.example.com",
-        443,
-        B1_TARGET,
-        None,
-        at(1_700_003_600),
-    );
+    let b1 = verify_b1("GET", None, 1_700_003_600);
     assert_eq!(b1.unwrap_err(), "Access expired");
-    let b1 = verify_request(
-        &spec_clients(),
-        "GET",
-        "tc.example.com",
-        443,
-        B1_TARGET,
-        None,
-        at(1_700_003_599),
-    );
+    let b1 = verify_b1("GET", None, 1_700_003_599);
     assert!(b1.is_ok());
     // bewits are only for GET/HEAD
-    assert!(verify_request(
-        &spec_clients(),
-        "HEAD",
-        "tc.example.com",
-        443,
-        B1_TARGET,
-        None,
-        at(1_700_000_000)
-    )
-    .is_ok());
-    assert!(verify_request(
-        &spec_clients(),
-        "POST",
-        "tc.example.com",
-        443,
-        B1_TARGET,
-        None,
-        at(1_700_000_000)
-    )
-    .is_err());
+    assert!(verify_b1("HEAD", None, 1_700_000_000).is_ok());
+    assert!(verify_b1("POST", None, 1_700_000_000).is_err());
     // header + bewit at once
-    assert!(verify_request(
-        &spec_clients(),
-        "GET",
-        "tc.example.com",
-        443,
-        B1_TARGET,
-        Some(H1),
-        at(1_700_000_000)
-    )
-    .is_err());
+    assert!(verify_b1("GET", Some(H1), 1_700_000_000).is_err());
 
     // Bewit query rewriting (what the Go proxy does) breaks the MAC; appending keeps it.
     let tester = hawk::Credentials {
@@ -562,45 +537,96 @@ fn scope_satisfaction() {
     assert!(verify::scope_satisfied(&strs(&["*"]), "anything"));
 }
 
+/// `host_port(args)` succeeds with `want`.
+#[track_caller]
+fn assert_host_port(args: (Option<&str>, Option<&str>, Option<&str>, bool), want: (&str, u16)) {
+    let (host, forwarded_port, forwarded_proto, tls) = args;
+    assert_eq!(
+        host_port(host, forwarded_port, forwarded_proto, tls).unwrap(),
+        (want.0.into(), want.1)
+    );
+}
+
 #[test]
 fn host_and_port_rules() {
-    assert_eq!(
-        host_port(Some("Example.COM:8443"), None, None, false).unwrap(),
-        ("example.com".into(), 8443)
+    assert_host_port(
+        (Some("Example.COM:8443"), None, None, false),
+        ("example.com", 8443),
     );
-    assert_eq!(
-        host_port(Some("example.com"), None, None, false).unwrap(),
-        ("example.com".into(), 80)
+    assert_host_port(
+        (Some("example.com"), None, None, false),
+        ("example.com", 80),
     );
-    assert_eq!(
-        host_port(Some("example.com"), None, None, true).unwrap(),
-        ("example.com".into(), 443)
+    assert_host_port(
+        (Some("example.com"), None, None, true),
+        ("example.com", 443),
     );
-    assert_eq!(
-        host_port(Some("example.com:80"), None, None, true).unwrap(),
-        ("example.com".into(), 443)
+    assert_host_port(
+        (Some("example.com:80"), None, None, true),
+        ("example.com", 443),
     );
-    assert_eq!(
-        host_port(Some("[::1]:8080"), None, None, false).unwrap(),
-        ("[::1]".into(), 8080)
-    );
-    assert_eq!(
-        host_port(Some("[::1]"), None, None, true).unwrap(),
-        ("[::1]".into(), 443)
-    );
-    assert_eq!(
-        host_port(Some("h:8080"), Some("443, 80"), None, false).unwrap(),
-        ("h".into(), 443)
-    );
-    assert_eq!(
-        host_port(Some("h"), None, Some("https"), false).unwrap(),
-        ("h".into(), 443)
-    );
-    assert_eq!(
-        host_port(Some("h:8080"), None, Some("http"), false).unwrap(),
-        ("h".into(), 8080)
-    );
+    assert_host_port((Some("[::1]:8080"), None, None, false), ("[::1]", 8080));
+    assert_host_port((Some("[::1]"), None, None, true), ("[::1]", 443));
+    assert_host_port((Some("h:8080"), Some("443, 80"), None, false), ("h", 443));
+    assert_host_port((Some("h"), None, Some("https"), false), ("h", 443));
+    assert_host_port((Some("h:8080"), None, Some("http"), false), ("h", 8080));
     assert!(host_port(None, None, None, false).is_err());
+}
+
+/// `method target` to `a` with only an `Authorization` header.
+fn send_auth(a: SocketAddr, method: &str, target: &str, auth: &str, body: &[u8]) -> Response {
+    client::send(
+        a,
+        method,
+        target.as_bytes(),
+        &[("Authorization", auth)],
+        body,
+    )
+}
+
+/// Bodiless `method target` to `a` with `Host: host` and `Authorization: auth`.
+fn send_to_host(a: SocketAddr, method: &str, target: &str, host: &str, auth: &str) -> Response {
+    client::send(
+        a,
+        method,
+        target.as_bytes(),
+        &[("Host", host), ("Authorization", auth)],
+        b"",
+    )
+}
+
+/// `method target` to `a` as if for `https://tc.example.com` (`X-Forwarded-Proto: https`).
+fn send_https(a: SocketAddr, method: &str, target: &str, auth: &str, body: &[u8]) -> Response {
+    client::send(
+        a,
+        method,
+        target.as_bytes(),
+        &[
+            ("Host", "tc.example.com"),
+            ("X-Forwarded-Proto", "https"),
+            ("Authorization", auth),
+        ],
+        body,
+    )
+}
+
+/// Unsigned GET of `target` (a bewit URL) as if for `tc.example.com` on port 443.
+fn get_forwarded_443(a: SocketAddr, target: &str) -> Response {
+    client::send(
+        a,
+        "GET",
+        target.as_bytes(),
+        &[("Host", "tc.example.com"), ("X-Forwarded-Port", "443")],
+        b"",
+    )
+}
+
+/// Hawk credentials of the `perm` client of [`live_fake`].
+fn perm_credentials() -> hawk::Credentials {
+    hawk::Credentials {
+        id: "perm".into(),
+        key: hawk::Key::new(b"perm-token", hawk::SHA256).unwrap(),
+    }
 }
 
 fn pinned_fake(now: u64) -> FakeTc {
@@ -616,43 +642,17 @@ fn server_accepts_spec_vectors_over_http() {
     let tc = pinned_fake(1_700_000_001);
     let a = tc.addr();
     // H1: task endpoint of an unknown task -> 404, but auth must have succeeded
-    let r = client::send(
-        a,
-        "GET",
-        H1_TARGET.as_bytes(),
-        &[
-            ("Host", "tc.example.com"),
-            ("X-Forwarded-Proto", "https"),
-            ("Authorization", H1),
-        ],
-        b"",
-    );
+    let r = send_https(a, "GET", H1_TARGET, H1, b"");
     assert_eq!(r.status, 404, "{}", r.text());
     assert_eq!(tc.last_request().unwrap()["auth"]["ok"], json!(true));
     // H1 with a changed MAC character -> 401 Bad mac
     let bad = flip(H1, H1.find("mac=\"").unwrap() + 8);
-    let r = client::send(
-        a,
-        "GET",
-        H1_TARGET.as_bytes(),
-        &[
-            ("Host", "tc.example.com"),
-            ("X-Forwarded-Proto", "https"),
-            ("Authorization", &bad),
-        ],
-        b"",
-    );
+    let r = send_https(a, "GET", H1_TARGET, &bad, b"");
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["code"], json!("AuthenticationFailed"));
     assert_eq!(r.json()["message"], json!("Bad mac"));
     // H1 on plain http without forwarding headers: port 80 -> Bad mac
-    let r = client::send(
-        a,
-        "GET",
-        H1_TARGET.as_bytes(),
-        &[("Host", "tc.example.com"), ("Authorization", H1)],
-        b"",
-    );
+    let r = send_to_host(a, "GET", H1_TARGET, "tc.example.com", H1);
     assert_eq!(r.status, 401);
 
     // H2 with a body
@@ -679,37 +679,19 @@ fn server_accepts_spec_vectors_over_http() {
     assert_eq!(e["target"], json!(H2_TARGET));
 
     // H4: DELETE with `//` and `%2F`
-    let r = client::send(
-        a,
-        "DELETE",
-        H4_TARGET.as_bytes(),
-        &[("Host", "example.com:8443"), ("Authorization", H4)],
-        b"",
-    );
+    let r = send_to_host(a, "DELETE", H4_TARGET, "example.com:8443", H4);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["auth"]["authorizedScopes"], json!([]));
     assert_eq!(r.json()["auth"]["scopes"], json!([]));
     assert_eq!(r.json()["target"], json!(H4_TARGET));
 
     // B1: bewit
-    let r = client::send(
-        a,
-        "GET",
-        B1_TARGET.as_bytes(),
-        &[("Host", "tc.example.com"), ("X-Forwarded-Port", "443")],
-        b"",
-    );
+    let r = get_forwarded_443(a, B1_TARGET);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["auth"]["scheme"], json!("bewit"));
     assert_eq!(r.json()["auth"]["clientId"], json!("tester"));
     let bad = flip(B1_TARGET, B1_TARGET.len() - 20);
-    let r = client::send(
-        a,
-        "GET",
-        bad.as_bytes(),
-        &[("Host", "tc.example.com"), ("X-Forwarded-Port", "443")],
-        b"",
-    );
+    let r = get_forwarded_443(a, &bad);
     assert_eq!(r.status, 401, "{}", r.text());
 }
 
@@ -717,30 +699,14 @@ fn server_accepts_spec_vectors_over_http() {
 fn server_accepts_temp_credential_vectors_over_http() {
     let tc = pinned_fake(1_439_000_001);
     let a = tc.addr();
-    let r = client::send(
-        a,
-        "GET",
-        H3_TARGET.as_bytes(),
-        &[("Host", "127.0.0.1:60024"), ("Authorization", H3)],
-        b"",
-    );
+    let r = send_to_host(a, "GET", H3_TARGET, "127.0.0.1:60024", H3);
     assert_eq!(r.status, 200, "{}", r.text());
     let e = r.json();
     assert_eq!(e["auth"]["clientId"], json!("abc/def/ghi"));
     assert_eq!(e["auth"]["scopes"], json!(["scope/asd:fhjdf/X"]));
     assert_eq!(e["auth"]["certificate"]["issuer"], json!("def/ghi@XXX"));
 
-    let r = client::send(
-        a,
-        "PUT",
-        H5_TARGET.as_bytes(),
-        &[
-            ("Host", "tc.example.com"),
-            ("X-Forwarded-Proto", "https"),
-            ("Authorization", H5),
-        ],
-        b"{}",
-    );
+    let r = send_https(a, "PUT", H5_TARGET, H5, b"{}");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
         r.json()["auth"]["scopes"],
@@ -749,13 +715,7 @@ fn server_accepts_temp_credential_vectors_over_http() {
     assert_eq!(r.json()["auth"]["authorizedScopes"], Value::Null);
 
     // B2's `now` is issue time (exp-3600); the fake is pinned 1 s later, still valid.
-    let r = client::send(
-        a,
-        "GET",
-        B2_TARGET.as_bytes(),
-        &[("Host", "tc.example.com"), ("X-Forwarded-Port", "443")],
-        b"",
-    );
+    let r = get_forwarded_443(a, B2_TARGET);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(
         r.json()["auth"]["scopes"],
@@ -763,17 +723,7 @@ fn server_accepts_temp_credential_vectors_over_http() {
     );
 
     let bad = flip(H5, H5.find("ext=\"").unwrap() + 40);
-    let r = client::send(
-        a,
-        "PUT",
-        H5_TARGET.as_bytes(),
-        &[
-            ("Host", "tc.example.com"),
-            ("X-Forwarded-Proto", "https"),
-            ("Authorization", &bad),
-        ],
-        b"{}",
-    );
+    let r = send_https(a, "PUT", H5_TARGET, &bad, b"{}");
     assert_eq!(r.status, 401, "{}", r.text());
 }
 
@@ -809,6 +759,27 @@ fn signed(
         tc.port(),
         target,
         ext.as_deref(),
+    )
+}
+
+/// `ext` carrying the certificate of `tmp` as a JSON object.
+fn cert_ext(tmp: &creds::TempCreds) -> Value {
+    json!({"certificate": tmp.certificate_json()})
+}
+
+/// A `GET t` header for `tmp`'s client signed with `key`, carrying `tmp`'s certificate.
+fn signed_with_cert(tc: &FakeTc, tmp: &creds::TempCreds, key: &str, t: &str) -> String {
+    signed(tc, &tmp.client_id, key, "GET", t, Some(&cert_ext(tmp)))
+}
+
+/// `GET t` from `tc` signed as `id` with `key` and `ext`.
+fn get_signed(tc: &FakeTc, t: &str, id: &str, key: &str, ext: Option<&Value>) -> Response {
+    send_auth(
+        tc.addr(),
+        "GET",
+        t,
+        &signed(tc, id, key, "GET", t, ext),
+        b"",
     )
 }
 
@@ -850,16 +821,15 @@ fn ext_processing_and_temp_credentials_live() {
     let issuer = Client::new("perm", "perm-token", &[]);
     for named in [None, Some("named/one")] {
         let tmp = creds::fresh_temp_creds(&issuer, named, &["queue:x", "queue:y*"]);
-        let ext = json!({"certificate": tmp.certificate_json()});
-        let auth = signed(&tc, &tmp.client_id, &tmp.access_token, "GET", t, Some(&ext));
-        let r = client::send(a, "GET", t.as_bytes(), &[("Authorization", &auth)], b"");
+        let auth = signed_with_cert(&tc, &tmp, &tmp.access_token, t);
+        let r = send_auth(a, "GET", t, &auth, b"");
         assert_eq!(r.status, 200, "{named:?}: {}", r.text());
         assert_eq!(r.json()["auth"]["clientId"], json!(tmp.client_id));
         assert_eq!(r.json()["auth"]["scopes"], json!(["queue:x", "queue:y*"]));
         // certificate embedded as a string is rejected
         let ext = json!({"certificate": tmp.certificate});
         let auth = signed(&tc, &tmp.client_id, &tmp.access_token, "GET", t, Some(&ext));
-        let r = client::send(a, "GET", t.as_bytes(), &[("Authorization", &auth)], b"");
+        let r = send_auth(a, "GET", t, &auth, b"");
         assert_eq!(r.status, 401);
         if named.is_none() {
             // (for named creds the issuer cannot be read from a string, so the lookup of the
@@ -870,37 +840,19 @@ fn ext_processing_and_temp_credentials_live() {
             );
         }
         // signing with the issuer's token instead of the temp token fails
-        let ext = json!({"certificate": tmp.certificate_json()});
-        let auth = signed(&tc, &tmp.client_id, "perm-token", "GET", t, Some(&ext));
-        let r = client::send(a, "GET", t.as_bytes(), &[("Authorization", &auth)], b"");
+        let auth = signed_with_cert(&tc, &tmp, "perm-token", t);
+        let r = send_auth(a, "GET", t, &auth, b"");
         assert_eq!(r.status, 401);
     }
     // named temp creds for a name the issuer may not create
     let tmp = creds::fresh_temp_creds(&issuer, Some("other/name"), &["queue:x"]);
-    let auth = signed(
-        &tc,
-        &tmp.client_id,
-        &tmp.access_token,
-        "GET",
-        t,
-        Some(&json!({"certificate": tmp.certificate_json()})),
-    );
-    let r = client::send(a, "GET", t.as_bytes(), &[("Authorization", &auth)], b"");
+    let auth = signed_with_cert(&tc, &tmp, &tmp.access_token, t);
+    let r = send_auth(a, "GET", t, &auth, b"");
     assert_eq!(r.status, 401);
     // cert scopes not satisfied by issuer
     let tmp = creds::fresh_temp_creds(&issuer, None, &["auth:foo"]);
-    let auth = signed(
-        &tc,
-        &tmp.client_id,
-        &tmp.access_token,
-        "GET",
-        t,
-        Some(&json!({"certificate": tmp.certificate_json()})),
-    );
-    assert_eq!(
-        client::send(a, "GET", t.as_bytes(), &[("Authorization", &auth)], b"").status,
-        401
-    );
+    let auth = signed_with_cert(&tc, &tmp, &tmp.access_token, t);
+    assert_eq!(send_auth(a, "GET", t, &auth, b"").status, 401);
     // expired certificate
     let now = creds::now_ms();
     let tmp = creds::make_temp_creds(
@@ -911,107 +863,43 @@ fn ext_processing_and_temp_credentials_live() {
         now - 3_600_000,
         &creds::random_seed(),
     );
-    let auth = signed(
-        &tc,
-        &tmp.client_id,
-        &tmp.access_token,
-        "GET",
-        t,
-        Some(&json!({"certificate": tmp.certificate_json()})),
-    );
-    let r = client::send(a, "GET", t.as_bytes(), &[("Authorization", &auth)], b"");
+    let auth = signed_with_cert(&tc, &tmp, &tmp.access_token, t);
+    let r = send_auth(a, "GET", t, &auth, b"");
     assert_eq!(r.json()["message"], json!("ext.certificate.expiry < now"));
     // authorizedScopes: absent vs [] vs satisfied vs unsatisfied
-    let r = client::send(
-        a,
-        "GET",
-        t.as_bytes(),
-        &[(
-            "Authorization",
-            &signed(&tc, "perm", "perm-token", "GET", t, None),
-        )],
-        b"",
-    );
+    let r = get_signed(&tc, t, "perm", "perm-token", None);
     assert_eq!(r.json()["auth"]["authorizedScopes"], Value::Null);
-    let r = client::send(
-        a,
-        "GET",
-        t.as_bytes(),
-        &[(
-            "Authorization",
-            &signed(
-                &tc,
-                "perm",
-                "perm-token",
-                "GET",
-                t,
-                Some(&json!({"authorizedScopes": []})),
-            ),
-        )],
-        b"",
+    let r = get_signed(
+        &tc,
+        t,
+        "perm",
+        "perm-token",
+        Some(&json!({"authorizedScopes": []})),
     );
     assert_eq!(r.json()["auth"]["authorizedScopes"], json!([]));
-    let r = client::send(
-        a,
-        "GET",
-        t.as_bytes(),
-        &[(
-            "Authorization",
-            &signed(
-                &tc,
-                "perm",
-                "perm-token",
-                "GET",
-                t,
-                Some(&json!({"authorizedScopes": ["queue:a"]})),
-            ),
-        )],
-        b"",
+    let r = get_signed(
+        &tc,
+        t,
+        "perm",
+        "perm-token",
+        Some(&json!({"authorizedScopes": ["queue:a"]})),
     );
     assert_eq!(r.json()["auth"]["scopes"], json!(["queue:a"]));
-    let r = client::send(
-        a,
-        "GET",
-        t.as_bytes(),
-        &[(
-            "Authorization",
-            &signed(
-                &tc,
-                "limited",
-                "limited-token",
-                "GET",
-                t,
-                Some(&json!({"authorizedScopes": ["queue:a"]})),
-            ),
-        )],
-        b"",
+    let r = get_signed(
+        &tc,
+        t,
+        "limited",
+        "limited-token",
+        Some(&json!({"authorizedScopes": ["queue:a"]})),
     );
     assert_eq!(r.status, 401);
     // wrong key / unknown client
-    let r = client::send(
-        a,
-        "GET",
-        t.as_bytes(),
-        &[(
-            "Authorization",
-            &signed(&tc, "perm", "nope", "GET", t, None),
-        )],
-        b"",
-    );
+    let r = get_signed(&tc, t, "perm", "nope", None);
     assert_eq!(r.json()["message"], json!("Bad mac"));
-    let r = client::send(
-        a,
-        "GET",
-        t.as_bytes(),
-        &[("Authorization", &signed(&tc, "ghost", "x", "GET", t, None))],
-        b"",
-    );
+    let r = get_signed(&tc, t, "ghost", "x", None);
     assert_eq!(r.status, 401);
     // stale timestamp built by hand
-    let creds_perm = hawk::Credentials {
-        id: "perm".into(),
-        key: hawk::Key::new(b"perm-token", hawk::SHA256).unwrap(),
-    };
+    let creds_perm = perm_credentials();
     let old = SystemTime::now() - Duration::from_secs(1000);
     let h = hawk::RequestBuilder::new("GET", "127.0.0.1", tc.port(), t)
         .request()
@@ -1039,10 +927,7 @@ fn payload_hash_is_checked_when_present() {
         STANDARD.encode(&hash),
         "qKG2AtsqLMhIdy7+OrxWG0bU8wTDncYSW0gmNukAKpI="
     );
-    let creds_perm = hawk::Credentials {
-        id: "perm".into(),
-        key: hawk::Key::new(b"perm-token", hawk::SHA256).unwrap(),
-    };
+    let creds_perm = perm_credentials();
     let h = hawk::RequestBuilder::new("POST", "127.0.0.1", tc.port(), t)
         .hash(&hash[..])
         .request()
@@ -1067,24 +952,12 @@ fn markers_and_task_endpoint() {
     let hdr = |m: &str, t: &str| signed(&tc, "perm", "perm-token", m, t, None);
 
     let t = "/api/queue/v1/__status/418";
-    let r = client::send(
-        a,
-        "PUT",
-        t.as_bytes(),
-        &[("Authorization", &hdr("PUT", t))],
-        b"x",
-    );
+    let r = send_auth(a, "PUT", t, &hdr("PUT", t), b"x");
     assert_eq!(r.status, 418);
     assert_eq!(r.json()["method"], json!("PUT"));
 
     let t = "/api/queue/v1/__redirect";
-    let r = client::send(
-        a,
-        "GET",
-        t.as_bytes(),
-        &[("Authorization", &hdr("GET", t))],
-        b"",
-    );
+    let r = send_auth(a, "GET", t, &hdr("GET", t), b"");
     assert_eq!(r.status, 302);
     assert_eq!(
         r.header("location"),
@@ -1092,34 +965,16 @@ fn markers_and_task_endpoint() {
     );
 
     let t = "/api/queue/v1/__cookies";
-    let r = client::send(
-        a,
-        "GET",
-        t.as_bytes(),
-        &[("Authorization", &hdr("GET", t))],
-        b"",
-    );
+    let r = send_auth(a, "GET", t, &hdr("GET", t), b"");
     assert_eq!(r.header_all("set-cookie"), vec!["a=1", "b=2"]);
 
     // bad auth never reaches the marker behaviour
-    let r = client::send(
-        a,
-        "GET",
-        t.as_bytes(),
-        &[("Authorization", &hdr("GET", "/other"))],
-        b"",
-    );
+    let r = send_auth(a, "GET", t, &hdr("GET", "/other"), b"");
     assert_eq!(r.status, 401);
     assert!(r.header_all("set-cookie").is_empty());
 
     let t = "/api/queue/v1/task/TASK1";
-    let r = client::send(
-        a,
-        "GET",
-        t.as_bytes(),
-        &[("Authorization", &hdr("GET", t))],
-        b"",
-    );
+    let r = send_auth(a, "GET", t, &hdr("GET", t), b"");
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["scopes"], json!(["queue:foo", "queue:bar"]));
     assert_eq!(r.json()["taskId"], json!("TASK1"));
@@ -1129,23 +984,11 @@ fn markers_and_task_endpoint() {
         "anonymous task fetch must be refused"
     );
     let t2 = "/api/queue/v1/task/NOPE";
-    let r = client::send(
-        a,
-        "GET",
-        t2.as_bytes(),
-        &[("Authorization", &hdr("GET", t2))],
-        b"",
-    );
+    let r = send_auth(a, "GET", t2, &hdr("GET", t2), b"");
     assert_eq!(r.status, 404);
     tc.fail_next_task_fetches(2);
     for expected in [500, 500, 200] {
-        let r = client::send(
-            a,
-            "GET",
-            t.as_bytes(),
-            &[("Authorization", &hdr("GET", t))],
-            b"",
-        );
+        let r = send_auth(a, "GET", t, &hdr("GET", t), b"");
         assert_eq!(r.status, expected);
     }
     assert_eq!(tc.task_fetches(), 6);
@@ -1198,13 +1041,7 @@ fn streaming_helpers_against_the_fake() {
         assert_eq!(e["headers"].get("transfer-encoding").is_some(), chunked);
     }
     let t = "/api/queue/v1/upload";
-    let r = client::send(
-        a,
-        "POST",
-        t.as_bytes(),
-        &[("Authorization", &hdr("POST", t))],
-        b"\x00\x01\x03",
-    );
+    let r = send_auth(a, "POST", t, &hdr("POST", t), b"\x00\x01\x03");
     assert_eq!(r.json()["body_pattern"], json!(false));
 
     // HEAD and keep-alive on one connection

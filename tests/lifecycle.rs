@@ -5,12 +5,12 @@
 mod support;
 
 use serde_json::json;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use support::client;
 use support::process::{connection_refused, free_addr, yq, Daemon, Proc, TestDir};
-use support::{assert_auth_ok, send, FakeTc, ACCESS_TOKEN, CLIENT_ID};
+use support::{send, FakeTc, ACCESS_TOKEN, CLIENT_ID};
 
 /// Our section: one TCP listener, the fake as root URL, the default client.
 fn section(tc: &FakeTc, addr: std::net::SocketAddr) -> String {
@@ -22,12 +22,57 @@ fn section(tc: &FakeTc, addr: std::net::SocketAddr) -> String {
     )
 }
 
+/// `proxy.yaml` for a daemon: Pingora keys, `top` (more top-level keys), `error_log:` and
+/// [`section`].
+fn daemon_conf(dir: &TestDir, tc: &FakeTc, addr: SocketAddr, top: &str) -> String {
+    dir.write(
+        "proxy.yaml",
+        &format!(
+            "{}{top}error_log: {}\n{}",
+            dir.server_keys(1),
+            yq(&dir.error_log().to_string_lossy()),
+            section(tc, addr)
+        ),
+    )
+}
+
+/// Start the proxy in the foreground with a `grace` s grace period; returns once it listens.
+fn start_foreground(tc: &FakeTc, dir: &TestDir, grace: u64) -> (SocketAddr, Proc) {
+    let addr = free_addr();
+    let conf = dir.write(
+        "proxy.yaml",
+        &format!("{}{}", dir.server_keys(grace), section(tc, addr)),
+    );
+    let mut p = Proc::start(&["-c", &conf], &[]);
+    p.expect_tcp(addr);
+    (addr, p)
+}
+
+/// A keep-alive connection to `addr` that has served one request and is now idle.
+fn idle_keepalive(addr: SocketAddr) -> client::Conn {
+    let mut conn = client::Conn::connect(addr).unwrap();
+    let r = conn.request("GET", b"/queue/v1/idle", &[], b"").unwrap();
+    assert_eq!(r.status, 200);
+    conn
+}
+
+/// Send `sig` to `p` and wait up to `timeout` for it to exit; returns the status and the time
+/// taken.
+fn signal_and_wait(
+    p: &mut Proc,
+    sig: i32,
+    timeout: Duration,
+) -> (Option<std::process::ExitStatus>, Duration) {
+    let t0 = Instant::now();
+    p.signal(sig);
+    let status = p.wait_exit(timeout);
+    (status, t0.elapsed())
+}
+
 #[track_caller]
 fn assert_serves(addr: std::net::SocketAddr) {
     let r = send(addr, "GET", b"/queue/v1/alive", &[], b"");
-    assert_eq!(r.status, 200, "{}", r.text());
-    let e = r.json();
-    assert_auth_ok(&e);
+    let e = support::ok_echo(&r);
     assert_eq!(e["auth"]["clientId"], json!(CLIENT_ID));
 }
 
@@ -95,15 +140,7 @@ fn daemon_flag_daemonizes_and_writes_pid_file() {
     let tc = support::fake();
     let dir = TestDir::new();
     let addr = free_addr();
-    let conf = dir.write(
-        "proxy.yaml",
-        &format!(
-            "{}error_log: {}\n{}",
-            dir.server_keys(1),
-            yq(&dir.error_log().to_string_lossy()),
-            section(&tc, addr)
-        ),
-    );
+    let conf = daemon_conf(&dir, &tc, addr, "");
     let daemon = start_daemon(&dir, &conf, &["-d", "-c", &conf]);
     wait_serving(&daemon, addr);
     assert_serves(addr);
@@ -117,15 +154,7 @@ fn yaml_daemon_true_daemonizes() {
     let tc = support::fake();
     let dir = TestDir::new();
     let addr = free_addr();
-    let conf = dir.write(
-        "proxy.yaml",
-        &format!(
-            "{}daemon: true\nerror_log: {}\n{}",
-            dir.server_keys(1),
-            yq(&dir.error_log().to_string_lossy()),
-            section(&tc, addr)
-        ),
-    );
+    let conf = daemon_conf(&dir, &tc, addr, "daemon: true\n");
     let daemon = start_daemon(&dir, &conf, &["--conf", &conf]);
     wait_serving(&daemon, addr);
     assert_serves(addr);
@@ -151,55 +180,14 @@ fn daemon_with_command_line_credentials() {
     let daemon = start_daemon(
         &dir,
         &conf,
-        &[
-            "-c",
-            &conf,
-            "--daemon",
-            "-p",
-            &port,
-            "-i",
-            "127.0.0.1",
-            "--root-url",
+        &support::default_args(
             &root,
-            "--client-id",
-            CLIENT_ID,
-            "--access-token",
-            ACCESS_TOKEN,
-        ],
+            &["-c", &conf, "--daemon", "-p", &port, "-i", "127.0.0.1"],
+        ),
     );
     wait_serving(&daemon, addr);
     assert_serves(addr);
     stop_daemon(&daemon);
-}
-
-/// Start a slow download through `addr` on a thread; returns once `min_bytes` have arrived.
-fn slow_download(
-    addr: std::net::SocketAddr,
-    len: u64,
-    slow_ms: u64,
-    min_bytes: u64,
-) -> (std::thread::JoinHandle<client::Download>, Arc<AtomicU64>) {
-    let (tx, rx) = mpsc::channel();
-    let progress = Arc::new(AtomicU64::new(0));
-    let p2 = progress.clone();
-    let t = std::thread::spawn(move || {
-        let mut signalled = false;
-        client::download_with_progress(
-            addr,
-            &format!("/queue/v1/__download/{len}?slow_ms={slow_ms}"),
-            &[],
-            &mut |n| {
-                p2.store(n, Ordering::SeqCst);
-                if !signalled && n >= min_bytes {
-                    signalled = true;
-                    let _ = tx.send(());
-                }
-            },
-        )
-    });
-    rx.recv_timeout(Duration::from_secs(20))
-        .expect("the download did not start streaming");
-    (t, progress)
 }
 
 #[test]
@@ -209,16 +197,11 @@ fn sigterm_finishes_in_flight_download_refuses_new_connections_and_exits_zero() 
     const N: u64 = 30 * CHUNK; // 30 chunks 50 ms apart: ~1.5 s
     let tc = support::fake();
     let dir = TestDir::new();
-    let addr = free_addr();
-    let conf = dir.write(
-        "proxy.yaml",
-        &format!("{}{}", dir.server_keys(GRACE), section(&tc, addr)),
-    );
-    let mut p = Proc::start(&["-c", &conf], &[]);
-    p.expect_tcp(addr);
+    let (addr, mut p) = start_foreground(&tc, &dir, GRACE);
     assert_serves(addr);
 
-    let (downloader, progress) = slow_download(addr, N, 50, CHUNK);
+    let (downloader, progress) =
+        client::slow_download(addr, N, 50, CHUNK, "the download did not start streaming");
     let t0 = Instant::now();
     let at_signal = progress.load(Ordering::SeqCst);
     p.signal(libc::SIGTERM);
@@ -271,20 +254,17 @@ fn sigint_exits_at_once_even_with_a_download_in_flight() {
     const CHUNK: u64 = 64 * 1024;
     let tc = support::fake();
     let dir = TestDir::new();
-    let addr = free_addr();
     // a long grace period that SIGINT must not wait for
-    let conf = dir.write(
-        "proxy.yaml",
-        &format!("{}{}", dir.server_keys(30), section(&tc, addr)),
-    );
-    let mut p = Proc::start(&["-c", &conf], &[]);
-    p.expect_tcp(addr);
+    let (addr, mut p) = start_foreground(&tc, &dir, 30);
     assert_serves(addr);
-    let (downloader, _) = slow_download(addr, 400 * CHUNK, 50, CHUNK); // ~20 s
-    let t0 = Instant::now();
-    p.signal(libc::SIGINT);
-    let status = p.wait_exit(Duration::from_secs(5));
-    let took = t0.elapsed();
+    let (downloader, _) = client::slow_download(
+        addr,
+        400 * CHUNK,
+        50,
+        CHUNK,
+        "the download did not start streaming",
+    ); // ~20 s
+    let (status, took) = signal_and_wait(&mut p, libc::SIGINT, Duration::from_secs(5));
     assert!(status.is_some(), "still running 5 s after SIGINT");
     eprintln!("SIGINT: exited with {:?} after {took:?}", status.unwrap());
     assert!(
@@ -300,21 +280,10 @@ fn sigint_exits_at_once_even_with_a_download_in_flight() {
 fn sigint_exits_at_once_when_idle() {
     let tc = support::fake();
     let dir = TestDir::new();
-    let addr = free_addr();
-    let conf = dir.write(
-        "proxy.yaml",
-        &format!("{}{}", dir.server_keys(30), section(&tc, addr)),
-    );
-    let mut p = Proc::start(&["-c", &conf], &[]);
-    p.expect_tcp(addr);
+    let (addr, mut p) = start_foreground(&tc, &dir, 30);
     // an idle keep-alive connection must not hold the process either
-    let mut conn = client::Conn::connect(addr).unwrap();
-    let r = conn.request("GET", b"/queue/v1/idle", &[], b"").unwrap();
-    assert_eq!(r.status, 200);
-    let t0 = Instant::now();
-    p.signal(libc::SIGINT);
-    let status = p.wait_exit(Duration::from_secs(5));
-    let took = t0.elapsed();
+    let _conn = idle_keepalive(addr);
+    let (status, took) = signal_and_wait(&mut p, libc::SIGINT, Duration::from_secs(5));
     assert!(status.is_some(), "still running 5 s after SIGINT");
     eprintln!(
         "SIGINT (idle): exited with {:?} after {took:?}",
@@ -331,20 +300,9 @@ fn sigterm_with_idle_keepalive_connection_exits_after_grace() {
     const GRACE: u64 = 2;
     let tc = support::fake();
     let dir = TestDir::new();
-    let addr = free_addr();
-    let conf = dir.write(
-        "proxy.yaml",
-        &format!("{}{}", dir.server_keys(GRACE), section(&tc, addr)),
-    );
-    let mut p = Proc::start(&["-c", &conf], &[]);
-    p.expect_tcp(addr);
-    let mut conn = client::Conn::connect(addr).unwrap();
-    let r = conn.request("GET", b"/queue/v1/idle", &[], b"").unwrap();
-    assert_eq!(r.status, 200);
-    let t0 = Instant::now();
-    p.signal(libc::SIGTERM);
-    let status = p.wait_exit(Duration::from_secs(GRACE + 10));
-    let took = t0.elapsed();
+    let (addr, mut p) = start_foreground(&tc, &dir, GRACE);
+    let _conn = idle_keepalive(addr);
+    let (status, took) = signal_and_wait(&mut p, libc::SIGTERM, Duration::from_secs(GRACE + 10));
     assert!(status.is_some(), "still running {took:?} after SIGTERM");
     eprintln!(
         "SIGTERM (idle keep-alive connection): exited with {:?} after {took:?}",

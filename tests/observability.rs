@@ -13,7 +13,6 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use support::client::{self, try_send, Conn};
 use support::creds::{fresh_temp_creds, make_temp_creds, now_ms, random_seed, TempCreds};
@@ -84,16 +83,15 @@ fn spawn_obs(args: &[String], envs: &[(&str, &str)]) -> Obs {
 
 /// Root URL, client ID, access token (argv) for `tc` plus `extra`.
 fn perm_args(tc: &FakeTc, extra: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = vec![
-        "--root-url".into(),
-        tc.root_url(),
-        "--client-id".into(),
-        CLIENT_ID.into(),
-        "--access-token".into(),
-        ACCESS_TOKEN.into(),
-    ];
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
+    perm_args_at(&tc.root_url(), extra)
+}
+
+/// [`perm_args`] for the root URL `root`.
+fn perm_args_at(root: &str, extra: &[&str]) -> Vec<String> {
+    support::default_args(root, extra)
+        .into_iter()
+        .map(String::from)
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -327,6 +325,25 @@ fn scrape_until(addr: SocketAddr, what: &str, mut cond: impl FnMut(&Metrics) -> 
     }
 }
 
+/// `requests_total` of `s` minus that of `before`.
+fn requests_since(s: &Metrics, before: &Metrics) -> f64 {
+    s.get(&m("requests_total"), &[]) - before.get(&m("requests_total"), &[])
+}
+
+/// Scrape `addr` until at least `n` requests have been counted since `before` (and, when
+/// `idle`, none is in flight).
+fn scrape_until_counted(
+    addr: SocketAddr,
+    what: &str,
+    before: &Metrics,
+    n: f64,
+    idle: bool,
+) -> Metrics {
+    scrape_until(addr, what, |s| {
+        requests_since(s, before) >= n && (!idle || s.single(&m("requests_in_flight")) == Some(0.0))
+    })
+}
+
 /// Collects expected-vs-actual deltas and reports all mismatches at once.
 struct Deltas<'a> {
     before: &'a Metrics,
@@ -365,6 +382,16 @@ impl<'a> Deltas<'a> {
                 self.after.excerpt(name).replace('\n', "\n    ")
             ));
         }
+    }
+
+    /// `requests_total` with the [`req_labels`] `[form, service, method, status]`.
+    fn requests(&mut self, labels: [&str; 4], expected: f64) {
+        let [form, service, method, status] = labels;
+        self.exact(
+            &m("requests_total"),
+            &req_labels(form, service, method, status),
+            expected,
+        );
     }
 
     fn check(&mut self, ok: bool, msg: String) {
@@ -722,10 +749,7 @@ fn metrics_exact_deltas_for_a_scripted_mix() {
     );
 
     let n = mix.sent.len() as f64;
-    let after = scrape_until(obs.metrics, "all requests to be counted", |s| {
-        s.get(&m("requests_total"), &[]) - before.get(&m("requests_total"), &[]) >= n
-            && s.single(&m("requests_in_flight")) == Some(0.0)
-    });
+    let after = scrape_until_counted(obs.metrics, "all requests to be counted", &before, n, true);
     let upstream_requests = (tc.requests_seen() - seen0) as f64;
     assert_eq!(
         upstream_requests,
@@ -747,11 +771,7 @@ fn metrics_exact_deltas_for_a_scripted_mix() {
             .or_default() += 1.0;
     }
     for ([form, service, method, status], count) in &expected {
-        d.exact(
-            &m("requests_total"),
-            &req_labels(form, service, method, status),
-            *count,
-        );
+        d.requests([form, service, method, status], *count);
     }
     d.exact(&m("requests_total"), &[], n);
     // label sets are exactly {form, service, method, status}
@@ -859,14 +879,7 @@ fn metrics_exact_deltas_for_a_scripted_mix() {
 #[test]
 fn upstream_down_counts_refused_and_502() {
     let closed = free_port();
-    let args: Vec<String> = vec![
-        "--root-url".into(),
-        format!("http://127.0.0.1:{closed}"),
-        "--client-id".into(),
-        CLIENT_ID.into(),
-        "--access-token".into(),
-        ACCESS_TOKEN.into(),
-    ];
+    let args = perm_args_at(&format!("http://127.0.0.1:{closed}"), &[]);
     let obs = spawn_obs(&args, &[]);
     let before = obs.scrape();
     for _ in 0..2 {
@@ -875,21 +888,10 @@ fn upstream_down_counts_refused_and_502() {
     }
     let r = send(obs.addr(), "POST", b"/api/queue/v1/y", &[], b"12345");
     assert_eq!(r.status, 502, "{}", r.text());
-    let after = scrape_until(obs.metrics, "3 requests counted", |s| {
-        s.get(&m("requests_total"), &[]) - before.get(&m("requests_total"), &[]) >= 3.0
-            && s.single(&m("requests_in_flight")) == Some(0.0)
-    });
+    let after = scrape_until_counted(obs.metrics, "3 requests counted", &before, 3.0, true);
     let mut d = Deltas::new(&before, &after);
-    d.exact(
-        &m("requests_total"),
-        &req_labels("shortcut", "queue", "GET", "5xx"),
-        2.0,
-    );
-    d.exact(
-        &m("requests_total"),
-        &req_labels("api", "queue", "POST", "5xx"),
-        1.0,
-    );
+    d.requests(["shortcut", "queue", "GET", "5xx"], 2.0);
+    d.requests(["api", "queue", "POST", "5xx"], 1.0);
     d.exact(&m("requests_total"), &[], 3.0);
     d.exact(&m("upstream_errors_total"), &[("kind", "refused")], 3.0);
     d.exact(&m("upstream_errors_total"), &[], 3.0);
@@ -967,10 +969,7 @@ fn upstream_failure_kinds_and_yaml_settings() {
     let r = send(obs.addr(), "GET", b"/closed.example.com/x", &[], b"");
     assert_eq!(r.status, 502, "{}", r.text());
 
-    let after = scrape_until(obs.metrics, "3 requests counted", |s| {
-        s.get(&m("requests_total"), &[]) - before.get(&m("requests_total"), &[]) >= 3.0
-            && s.single(&m("requests_in_flight")) == Some(0.0)
-    });
+    let after = scrape_until_counted(obs.metrics, "3 requests counted", &before, 3.0, true);
     let reached = (tc.requests_seen() - seen0) as f64;
     assert_eq!(reached, 1.0, "only the hanging request reaches the fake");
     let mut d = Deltas::new(&before, &after);
@@ -978,16 +977,8 @@ fn upstream_failure_kinds_and_yaml_settings() {
     d.exact(&m("upstream_errors_total"), &[("kind", "tls")], 1.0);
     d.exact(&m("upstream_errors_total"), &[("kind", "refused")], 1.0);
     d.exact(&m("upstream_errors_total"), &[], 3.0);
-    d.exact(
-        &m("requests_total"),
-        &req_labels("shortcut", "queue", "GET", "5xx"),
-        1.0,
-    );
-    d.exact(
-        &m("requests_total"),
-        &req_labels("hostname", "none", "GET", "5xx"),
-        2.0,
-    );
+    d.requests(["shortcut", "queue", "GET", "5xx"], 1.0);
+    d.requests(["hostname", "none", "GET", "5xx"], 2.0);
     d.exact(&m("upstream_duration_seconds_count"), &[], 0.0);
     d.exact(&m("upstream_connections_total"), &[], reached);
     // only the refused connection is retried (twice); timeouts after sending and
@@ -1067,9 +1058,7 @@ fn connection_and_in_flight_gauges_and_upstream_reuse() {
         assert_eq!(r.status, 200);
         std::thread::sleep(Duration::from_millis(30));
     }
-    let after = scrape_until(obs.metrics, "4 more requests", |s| {
-        s.get(&m("requests_total"), &[]) - mid.get(&m("requests_total"), &[]) >= 4.0
-    });
+    let after = scrape_until_counted(obs.metrics, "4 more requests", &mid, 4.0, false);
     let mut d = Deltas::new(&mid, &after);
     d.exact(&m("upstream_connections_total"), &[], 4.0);
     d.at_least(&m("upstream_connections_total"), &[("reused", "true")], 3.0);
@@ -1084,23 +1073,7 @@ fn connection_and_in_flight_gauges_and_upstream_reuse() {
     // A streaming download is in flight until its last byte.
     const N: u64 = 40 * 64 * 1024;
     let addr = obs.addr();
-    let (tx, rx) = mpsc::channel();
-    let downloader = std::thread::spawn(move || {
-        let mut signalled = false;
-        client::download_with_progress(
-            addr,
-            &format!("/queue/v1/__download/{N}?slow_ms=25"),
-            &[],
-            &mut |n| {
-                if !signalled && n >= 64 * 1024 {
-                    signalled = true;
-                    let _ = tx.send(());
-                }
-            },
-        )
-    });
-    rx.recv_timeout(Duration::from_secs(20))
-        .expect("download did not start");
+    let (downloader, _) = client::slow_download(addr, N, 25, 64 * 1024, "download did not start");
     let during = obs.scrape();
     let dl = downloader.join().unwrap();
     assert_eq!(dl.len, N);
@@ -1486,9 +1459,7 @@ fn json_access_log_one_line_per_request_with_fields_and_no_secrets() {
     let n = mix.sent.len();
 
     let lines = wait_access_lines(&obs.proxy, n);
-    let after = scrape_until(obs.metrics, "requests counted", |s| {
-        s.get(&m("requests_total"), &[]) - before.get(&m("requests_total"), &[]) >= n as f64
-    });
+    let after = scrape_until_counted(obs.metrics, "requests counted", &before, n as f64, false);
 
     let mut failures: Vec<String> = vec![];
     let mut used: BTreeSet<usize> = BTreeSet::new();
@@ -1744,10 +1715,13 @@ fn access_log_off_writes_no_access_lines() {
     let reqs = small_mix(&obs, "offlog");
     // wait until the proxy has finished with every request (metrics are updated at the
     // same point as the access log would be written)
-    scrape_until(obs.metrics, "requests counted", |s| {
-        s.get(&m("requests_total"), &[]) - before.get(&m("requests_total"), &[])
-            >= reqs.len() as f64
-    });
+    scrape_until_counted(
+        obs.metrics,
+        "requests counted",
+        &before,
+        reqs.len() as f64,
+        false,
+    );
     std::thread::sleep(Duration::from_millis(300));
     let stderr = obs.stderr();
     let leaked: Vec<&str> = stderr
@@ -1843,9 +1817,7 @@ fn chunked_byte_counts_default_port_upstream_and_hostname_timing() {
     assert_eq!(host.status, 200, "{}", host.text());
 
     let lines = wait_access_lines(&obs.proxy, 3);
-    let after = scrape_until(obs.metrics, "3 requests counted", |s| {
-        s.get(&m("requests_total"), &[]) - before.get(&m("requests_total"), &[]) >= 3.0
-    });
+    let after = scrape_until_counted(obs.metrics, "3 requests counted", &before, 3.0, false);
     let mut d = Deltas::new(&before, &after);
     d.exact(&m("request_bytes_total"), &[("form", "api")], UP as f64);
     d.exact(&m("request_bytes_total"), &[("form", "shortcut")], 0.0);
@@ -1919,7 +1891,7 @@ fn aborted_upload_is_counted_without_status() {
         std::thread::sleep(Duration::from_millis(300));
     } // dropped: the connection closes with 936 KiB still owed
     let after = scrape_until(obs.metrics, "the aborted request to finish", |s| {
-        s.get(&m("requests_total"), &[]) - before.get(&m("requests_total"), &[]) >= 1.0
+        requests_since(s, &before) >= 1.0
             && s.single(&m("requests_in_flight")) == Some(0.0)
             && s.single(&m("downstream_connections")) == Some(0.0)
     });
@@ -1930,11 +1902,7 @@ fn aborted_upload_is_counted_without_status() {
     let bytes_in = l["bytes_in"].as_u64().unwrap();
     assert!(bytes_in <= 64 * 1024, "{l}");
     let mut d = Deltas::new(&before, &after);
-    d.exact(
-        &m("requests_total"),
-        &req_labels("api", "queue", "POST", "none"),
-        1.0,
-    );
+    d.requests(["api", "queue", "POST", "none"], 1.0);
     d.exact(&m("requests_total"), &[], 1.0);
     d.exact(
         &m("request_bytes_total"),
@@ -2006,10 +1974,8 @@ fn non_utf8_request_target_never_leaks_its_bewit() {
         .filter(|l| l["path"] != json!("/api/queue/v1/after"))
         .collect();
     assert!(odd.len() <= 1, "{odd:#?}");
-    let after = scrape_until(obs.metrics, "the request counted", |s| {
-        s.get(&m("requests_total"), &[]) - before.get(&m("requests_total"), &[]) >= 1.0
-    });
-    let counted = after.get(&m("requests_total"), &[]) - before.get(&m("requests_total"), &[]);
+    let after = scrape_until_counted(obs.metrics, "the request counted", &before, 1.0, false);
+    let counted = requests_since(&after, &before);
     if let Some(l) = odd.first() {
         let p = l["path"].as_str().unwrap_or("");
         assert!(p.ends_with("?bewit=REDACTED"), "{l}");

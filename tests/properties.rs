@@ -76,6 +76,19 @@ fn with_query(mut target: Vec<u8>, query: &Option<Vec<u8>>) -> Vec<u8> {
     target
 }
 
+/// `prefix` + `ver` + `/` + `rest`, then [`with_query`].
+fn versioned_target(
+    mut prefix: Vec<u8>,
+    ver: &[u8],
+    rest: &[u8],
+    query: &Option<Vec<u8>>,
+) -> Vec<u8> {
+    prefix.extend_from_slice(ver);
+    prefix.push(b'/');
+    prefix.extend_from_slice(rest);
+    with_query(prefix, query)
+}
+
 fn expected_api(base: &str, svc: &[u8], ver: &[u8], rest: &[u8], q: &Option<Vec<u8>>) -> Vec<u8> {
     let mut t = base.as_bytes().to_vec();
     t.extend_from_slice(b"/api/");
@@ -157,13 +170,10 @@ proptest! {
         rest in path_rest(60),
         query in prop::option::of(bytes(40)),
     ) {
-        let mut input = b"/api/".to_vec();
-        input.extend_from_slice(&svc);
-        input.push(b'/');
-        input.extend_from_slice(&ver);
-        input.push(b'/');
-        input.extend_from_slice(&rest);
-        let input = with_query(input, &query);
+        let mut prefix = b"/api/".to_vec();
+        prefix.extend_from_slice(&svc);
+        prefix.push(b'/');
+        let input = versioned_target(prefix, &ver, &rest, &query);
         match dispatch(&base, &input) {
             Ok(Dispatch::Proxy(route)) => {
                 prop_assert_eq!(route.form, RouteForm::Api);
@@ -184,11 +194,7 @@ proptest! {
         rest in path_rest(60),
         query in prop::option::of(bytes(40)),
     ) {
-        let mut input = format!("/{svc}/").into_bytes();
-        input.extend_from_slice(&ver);
-        input.push(b'/');
-        input.extend_from_slice(&rest);
-        let input = with_query(input, &query);
+        let input = versioned_target(format!("/{svc}/").into_bytes(), &ver, &rest, &query);
         match dispatch(&base, &input) {
             Ok(Dispatch::Proxy(route)) => {
                 prop_assert_eq!(route.form, RouteForm::Shortcut);

@@ -93,9 +93,7 @@ fn task_supplied_authorization_is_replaced_and_other_headers_pass() {
         ],
         b"payload",
     );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let e = r.json();
-    assert_auth_ok(&e);
+    let e = support::ok_echo(&r);
     assert_eq!(e["auth"]["clientId"], json!(CLIENT_ID));
     let authz = e["headers"]["authorization"].as_array().unwrap();
     assert_eq!(
@@ -155,9 +153,7 @@ fn positional_scopes_become_authorized_scopes() {
     let tc = fake();
     let proxy = proxy_for(&tc, &["queue:get-task:abc", "test:foo"]);
     let r = send(proxy.addr(), "GET", b"/queue/v1/task/abc/status", &[], b"");
-    assert_eq!(r.status, 200, "{}", r.text());
-    let e = r.json();
-    assert_auth_ok(&e);
+    let e = support::ok_echo(&r);
     assert_eq!(
         e["auth"]["authorizedScopes"],
         json!(["queue:get-task:abc", "test:foo"])
@@ -180,20 +176,7 @@ fn positional_scopes_become_authorized_scopes() {
 fn check_temp_creds(named: Option<&str>) {
     let tc = fake();
     let tmp = fresh_temp_creds(&default_client(), named, &["queue:get-task:*", "test:x"]);
-    let root = tc.root_url();
-    let proxy = ProxyProcess::spawn(
-        &[
-            "--root-url",
-            &root,
-            "--client-id",
-            &tmp.client_id,
-            // `=` form: a base64url token may start with `-`
-            &format!("--access-token={}", tmp.access_token),
-            "--certificate",
-            &tmp.certificate,
-        ],
-        &[],
-    );
+    let proxy = support::proxy_with_temp_creds(&tc, &tmp);
     let r = send(proxy.addr(), "GET", b"/queue/v1/task/abc", &[], b"");
     // not a configured task -> the fake's queue answers 404, but check the auth in its log
     let e = tc.last_request().unwrap();
@@ -245,9 +228,7 @@ fn temporary_credentials_from_environment_with_authorized_scopes() {
         ],
     );
     let r = send(proxy.addr(), "POST", b"/api/queue/v1/thing", &[], b"{}");
-    assert_eq!(r.status, 200, "{}", r.text());
-    let e = r.json();
-    assert_auth_ok(&e);
+    let e = support::ok_echo(&r);
     assert_eq!(e["auth"]["clientId"], json!("proxy-test/temp/env"));
     assert_eq!(e["auth"]["scopes"], json!(["test:x"]));
     assert_eq!(e["auth"]["authorizedScopes"], json!(["test:x"]));
@@ -284,15 +265,9 @@ fn permanent_credentials_from_environment() {
 fn flags_win_over_environment() {
     let tc = fake();
     let root = tc.root_url();
-    let proxy = ProxyProcess::spawn(
-        &[
-            "--root-url",
-            &root,
-            "--client-id",
-            CLIENT_ID,
-            "--access-token",
-            ACCESS_TOKEN,
-        ],
+    let proxy = support::proxy_at(
+        &root,
+        &[],
         &[
             ("TASKCLUSTER_ROOT_URL", "http://127.0.0.1:9"),
             ("TASKCLUSTER_CLIENT_ID", support::CLIENT2_ID),
@@ -343,9 +318,7 @@ fn task_id_adds_task_scopes_and_fetch_is_signed() {
         assert_auth_ok(f);
     }
     let r = send(proxy.addr(), "GET", b"/queue/v1/x", &[], b"");
-    assert_eq!(r.status, 200, "{}", r.text());
-    let e = r.json();
-    assert_auth_ok(&e);
+    let e = support::ok_echo(&r);
     let expected: BTreeSet<String> = ["queue:a", "queue:b", "queue:c"]
         .iter()
         .map(|s| s.to_string())
@@ -362,9 +335,7 @@ fn task_without_scopes_gives_empty_authorized_scopes() {
     let tc = fake_with_tasks(vec![("EmptyTask", vec![])], 0);
     let proxy = proxy_for(&tc, &["--task-id", "EmptyTask"]);
     let r = send(proxy.addr(), "GET", b"/queue/v1/x", &[], b"");
-    assert_eq!(r.status, 200, "{}", r.text());
-    let e = r.json();
-    assert_auth_ok(&e);
+    let e = support::ok_echo(&r);
     assert_eq!(
         e["auth"]["authorizedScopes"],
         json!([]),
@@ -392,20 +363,10 @@ fn unknown_task_id_fails_start_up() {
     let port = support::proxy::free_port().to_string();
     let root = tc.root_url();
     let (code, _out, err) = support::proxy::run_to_exit(
-        &[
-            "-p",
-            &port,
-            "-i",
-            "127.0.0.1",
-            "--root-url",
+        &support::default_args(
             &root,
-            "--client-id",
-            CLIENT_ID,
-            "--access-token",
-            ACCESS_TOKEN,
-            "--task-id",
-            "NoSuchTask",
-        ],
+            &["-p", &port, "-i", "127.0.0.1", "--task-id", "NoSuchTask"],
+        ),
         &[],
         Duration::from_secs(60),
     );

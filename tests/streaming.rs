@@ -53,9 +53,7 @@ fn upload_1gib_with_content_length() {
         .expect("upload response");
     let secs = start.elapsed().as_secs_f64();
     eprintln!("1 GiB upload in {secs:.1} s ({:.0} MiB/s)", 1024.0 / secs);
-    assert_eq!(r.status, 200, "{}", r.text());
-    let e = r.json();
-    support::assert_auth_ok(&e);
+    let e = support::ok_echo(&r);
     assert_eq!(e["body_len"], json!(GIB));
     assert_eq!(e["body_pattern"], json!(true));
     assert_eq!(e["body_error"], json!(null));
@@ -80,9 +78,7 @@ fn chunked_download_and_upload() {
 
     let r = client::upload(proxy.addr(), "POST", "/queue/v1/upload", &[], N, true)
         .expect("upload response");
-    assert_eq!(r.status, 200, "{}", r.text());
-    let e = r.json();
-    support::assert_auth_ok(&e);
+    let e = support::ok_echo(&r);
     assert_eq!(e["body_len"], json!(N));
     assert_eq!(e["body_pattern"], json!(true));
     report_rss(&proxy, "chunked 96 MiB download + upload");
@@ -123,9 +119,7 @@ fn upload_with_expect_100_continue() {
     }
     conn.flush().unwrap();
     let r = conn.read_response("PUT").expect("final response");
-    assert_eq!(r.status, 200, "{}", r.text());
-    let e = r.json();
-    support::assert_auth_ok(&e);
+    let e = support::ok_echo(&r);
     assert_eq!(e["body_len"], json!(N));
     assert_eq!(e["body_pattern"], json!(true));
     eprintln!("proxy sent 100 Continue: {got_100}");

@@ -6,8 +6,7 @@ mod support;
 use serde_json::json;
 use support::client::Conn;
 use support::{
-    assert_auth_ok, default_client, proxy_for, send, FakeTc, FakeTcOptions, ProxyProcess,
-    ACCESS_TOKEN, CLIENT_ID,
+    assert_auth_ok, default_client, proxy_for, send, FakeTc, FakeTcOptions, ProxyProcess, CLIENT_ID,
 };
 
 fn tls_fake() -> FakeTc {
@@ -25,9 +24,7 @@ fn https_root_url_with_ca_file() {
     assert!(tc.root_url().starts_with("https://localhost:"));
     let proxy = proxy_for(&tc, &[]); // adds --ca-file
     let r = send(proxy.addr(), "POST", b"/queue/v1/x?y=%2F", &[], b"tls body");
-    assert_eq!(r.status, 200, "{}", r.text());
-    let e = r.json();
-    assert_auth_ok(&e);
+    let e = support::ok_echo(&r);
     assert_eq!(e["host"], json!(tc.authority()));
     assert_eq!(e["target"], json!("/api/queue/v1/x?y=%2F"));
     assert_eq!(e["body_len"], json!(8));
@@ -39,17 +36,7 @@ fn https_root_url_with_ca_file() {
 fn https_without_trusted_ca_is_502() {
     let tc = tls_fake();
     let root = tc.root_url();
-    let mut proxy = ProxyProcess::spawn(
-        &[
-            "--root-url",
-            &root,
-            "--client-id",
-            CLIENT_ID,
-            "--access-token",
-            ACCESS_TOKEN,
-        ],
-        &[],
-    );
+    let mut proxy = support::proxy_at(&root, &[], &[]);
     let r = send(proxy.addr(), "GET", b"/queue/v1/x", &[], b"");
     assert_eq!(r.status, 502, "{}", r.text());
     assert!(!r.text().is_empty());
@@ -146,9 +133,7 @@ fn bewit_for_https_url_verifies_on_default_port() {
             b"",
         )
         .unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-    let e = r.json();
-    assert_auth_ok(&e);
+    let e = support::ok_echo(&r);
     assert_eq!(e["auth"]["scheme"], json!("bewit"));
     assert_eq!(e["auth"]["clientId"], json!(CLIENT_ID));
 }

@@ -6,7 +6,8 @@ use super::pattern;
 use serde_json::Value;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 use tokio_rustls::rustls;
 
@@ -594,6 +595,38 @@ pub fn download_with_progress(
         first_mismatch: checker.first_mismatch(),
         error: res.err().map(|e| e.to_string()),
     }
+}
+
+/// Start a slow download of `/queue/v1/__download/{len}?slow_ms={slow_ms}` through `addr` on a
+/// thread; returns once `min_bytes` have arrived (panicking with `what` after 20 s otherwise),
+/// with the number of bytes received so far.
+pub fn slow_download(
+    addr: SocketAddr,
+    len: u64,
+    slow_ms: u64,
+    min_bytes: u64,
+    what: &str,
+) -> (std::thread::JoinHandle<Download>, Arc<AtomicU64>) {
+    let (tx, rx) = mpsc::channel();
+    let progress = Arc::new(AtomicU64::new(0));
+    let p2 = progress.clone();
+    let t = std::thread::spawn(move || {
+        let mut signalled = false;
+        download_with_progress(
+            addr,
+            &format!("/queue/v1/__download/{len}?slow_ms={slow_ms}"),
+            &[],
+            &mut |n| {
+                p2.store(n, Ordering::SeqCst);
+                if !signalled && n >= min_bytes {
+                    signalled = true;
+                    let _ = tx.send(());
+                }
+            },
+        )
+    });
+    rx.recv_timeout(Duration::from_secs(20)).expect(what);
+    (t, progress)
 }
 
 /// Upload `len` pattern bytes (generated on the fly) with Content-Length or chunked encoding,

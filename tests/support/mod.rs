@@ -36,6 +36,16 @@ pub const CLIENT_SCOPES: &[&str] = &[
 pub const CLIENT2_ID: &str = "proxy-test/rotated";
 pub const ACCESS_TOKEN2: &str = "second-token-zyxwvutsrqponmlkjihgfedcba98";
 
+/// Complete command-line settings (root URL and credentials) that never reach an upstream.
+pub const SETTINGS_ARGS: &[&str] = &[
+    "--root-url",
+    "https://tc.example.com",
+    "--client-id",
+    "c",
+    "--access-token",
+    "t",
+];
+
 pub fn default_client() -> Client {
     Client::new(CLIENT_ID, ACCESS_TOKEN, CLIENT_SCOPES)
 }
@@ -52,17 +62,29 @@ pub fn fake() -> FakeTc {
     })
 }
 
-/// Proxy pointing at `tc` with the default permanent credentials, plus `extra` args.
-pub fn proxy_for(tc: &FakeTc, extra: &[&str]) -> ProxyProcess {
-    let root = tc.root_url();
+/// `--root-url root` and the default permanent credentials as flags, followed by `extra`.
+pub fn default_args<'a>(root: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "--root-url",
-        root.as_str(),
+        root,
         "--client-id",
         CLIENT_ID,
         "--access-token",
         ACCESS_TOKEN,
     ];
+    args.extend_from_slice(extra);
+    args
+}
+
+/// Proxy pointing at `root` with the default permanent credentials, plus `extra` args and `envs`.
+pub fn proxy_at(root: &str, extra: &[&str], envs: &[(&str, &str)]) -> ProxyProcess {
+    ProxyProcess::spawn(&default_args(root, extra), envs)
+}
+
+/// Proxy pointing at `tc` with the default permanent credentials, plus `extra` args.
+pub fn proxy_for(tc: &FakeTc, extra: &[&str]) -> ProxyProcess {
+    let root = tc.root_url();
+    let mut args = default_args(&root, &[]);
     let ca = tc.ca_file().map(|p| p.to_string_lossy().into_owned());
     if let Some(ca) = ca.as_deref() {
         args.push("--ca-file");
@@ -70,6 +92,24 @@ pub fn proxy_for(tc: &FakeTc, extra: &[&str]) -> ProxyProcess {
     }
     args.extend_from_slice(extra);
     ProxyProcess::spawn(&args, &[])
+}
+
+/// Proxy pointing at `tc` with the temporary credentials `tmp` on the command line.
+pub fn proxy_with_temp_creds(tc: &FakeTc, tmp: &creds::TempCreds) -> ProxyProcess {
+    let root = tc.root_url();
+    ProxyProcess::spawn(
+        &[
+            "--root-url",
+            &root,
+            "--client-id",
+            &tmp.client_id,
+            // `=` form: a base64url token may start with `-`
+            &format!("--access-token={}", tmp.access_token),
+            "--certificate",
+            &tmp.certificate,
+        ],
+        &[],
+    )
 }
 
 /// Assert that an echo shows a successfully authenticated request.
@@ -81,6 +121,15 @@ pub fn assert_auth_ok(echo: &serde_json::Value) {
         "fake TC rejected the request: {}",
         serde_json::to_string_pretty(echo).unwrap()
     );
+}
+
+/// The echo of a successful response: asserts status 200 and [`assert_auth_ok`].
+#[track_caller]
+pub fn ok_echo(r: &Response) -> serde_json::Value {
+    assert_eq!(r.status, 200, "{}", r.text());
+    let e = r.json();
+    assert_auth_ok(&e);
+    e
 }
 
 /// The signed URL of an answer to `/bewit`: asserts a 303 whose body equals its Location

@@ -2,7 +2,7 @@
 //! `-p/-i` added), signals, exit waits, daemons known only by their pid file, and per-test
 //! directories holding the YAML file, pid file, upgrade socket and state file.
 
-use super::proxy::{base_command, bin};
+use super::proxy::{bin, spawn_captured};
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -23,14 +23,8 @@ impl Proc {
     /// variables removed). Does not wait for anything.
     pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Proc {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        let stdout = tempfile::NamedTempFile::new().unwrap();
-        let stderr = tempfile::NamedTempFile::new().unwrap();
-        let mut cmd = base_command(&args, envs);
-        cmd.stdout(stdout.reopen().unwrap());
-        cmd.stderr(stderr.reopen().unwrap());
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin()));
+        let (child, stdout, stderr) =
+            spawn_captured(&args, envs).unwrap_or_else(|e| panic!("cannot start {}: {e}", bin()));
         Proc {
             child,
             exit: None,
@@ -449,7 +443,8 @@ pub fn tail(s: &str, n: usize) -> &str {
     }
 }
 
-fn read_lossy(p: &Path) -> String {
+/// The file at `p` as text (lossy), empty when it cannot be read.
+pub fn read_lossy(p: &Path) -> String {
     let mut s = Vec::new();
     if let Ok(mut f) = std::fs::File::open(p) {
         let _ = f.read_to_end(&mut s);

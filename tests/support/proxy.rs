@@ -1,6 +1,6 @@
 //! Running the real `taskcluster-proxy` binary.
 
-use std::io::Read;
+use super::process::{read_lossy, tail};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -39,6 +39,20 @@ pub fn base_command(args: &[String], envs: &[(&str, &str)]) -> Command {
     cmd
 }
 
+/// Spawn [`base_command`] with stdout and stderr captured in temporary files.
+pub fn spawn_captured(
+    args: &[String],
+    envs: &[(&str, &str)],
+) -> std::io::Result<(Child, tempfile::NamedTempFile, tempfile::NamedTempFile)> {
+    let stdout = tempfile::NamedTempFile::new().unwrap();
+    let stderr = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd = base_command(args, envs);
+    cmd.stdout(stdout.reopen().unwrap());
+    cmd.stderr(stderr.reopen().unwrap());
+    let child = cmd.spawn()?;
+    Ok((child, stdout, stderr))
+}
+
 /// A running proxy; killed on drop.
 pub struct ProxyProcess {
     child: Child,
@@ -68,14 +82,8 @@ impl ProxyProcess {
                 "127.0.0.1".into(),
             ];
             full.extend(args.iter().map(|s| s.to_string()));
-            let stdout = tempfile::NamedTempFile::new().unwrap();
-            let stderr = tempfile::NamedTempFile::new().unwrap();
-            let mut cmd = base_command(&full, envs);
-            cmd.stdout(stdout.reopen().unwrap());
-            cmd.stderr(stderr.reopen().unwrap());
-            let child = cmd
-                .spawn()
-                .map_err(|e| format!("cannot start {}: {e}", bin()))?;
+            let (child, stdout, stderr) =
+                spawn_captured(&full, envs).map_err(|e| format!("cannot start {}: {e}", bin()))?;
             let mut p = ProxyProcess {
                 child,
                 addr: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -137,11 +145,11 @@ impl ProxyProcess {
     }
 
     pub fn stderr_text(&self) -> String {
-        read_file(self.stderr.path())
+        read_lossy(self.stderr.path())
     }
 
     pub fn stdout_text(&self) -> String {
-        read_file(self.stdout.path())
+        read_lossy(self.stdout.path())
     }
 
     fn status_field_kib(&self, field: &str) -> u64 {
@@ -179,26 +187,6 @@ impl Drop for ProxyProcess {
     }
 }
 
-fn tail(s: &str, n: usize) -> &str {
-    if s.len() <= n {
-        s
-    } else {
-        let mut i = s.len() - n;
-        while !s.is_char_boundary(i) {
-            i += 1;
-        }
-        &s[i..]
-    }
-}
-
-fn read_file(p: &std::path::Path) -> String {
-    let mut s = Vec::new();
-    if let Ok(mut f) = std::fs::File::open(p) {
-        let _ = f.read_to_end(&mut s);
-    }
-    String::from_utf8_lossy(&s).into_owned()
-}
-
 /// Run the binary with exactly `args` (no port/address added) and wait for it to exit.
 /// Returns (exit code, stdout, stderr); exit code None = killed after `timeout` (or by a
 /// signal).
@@ -208,12 +196,7 @@ pub fn run_to_exit(
     timeout: Duration,
 ) -> (Option<i32>, String, String) {
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let stdout = tempfile::NamedTempFile::new().unwrap();
-    let stderr = tempfile::NamedTempFile::new().unwrap();
-    let mut cmd = base_command(&args, envs);
-    cmd.stdout(stdout.reopen().unwrap());
-    cmd.stderr(stderr.reopen().unwrap());
-    let mut child = cmd.spawn().expect("spawn proxy");
+    let (mut child, stdout, stderr) = spawn_captured(&args, envs).expect("spawn proxy");
     let start = Instant::now();
     let code = loop {
         match child.try_wait().unwrap() {
@@ -226,5 +209,5 @@ pub fn run_to_exit(
             None => std::thread::sleep(Duration::from_millis(20)),
         }
     };
-    (code, read_file(stdout.path()), read_file(stderr.path()))
+    (code, read_lossy(stdout.path()), read_lossy(stderr.path()))
 }
