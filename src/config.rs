@@ -239,6 +239,13 @@ impl ProxyConfig {
                 "{SECTION}.retries.max_attempts: must be at least 1"
             )));
         }
+        if section.retries.replay_buffer_bytes > section.retries.replay_budget_bytes {
+            return Err(invalid(format!(
+                "{SECTION}.retries.replay_buffer_bytes: {} is more than replay_budget_bytes ({}), \
+                 so no body could ever be kept for replay",
+                section.retries.replay_buffer_bytes, section.retries.replay_budget_bytes
+            )));
+        }
         let credentials = match (section.credentials, section.credentials_file) {
             (Some(_), Some(_)) => {
                 return Err(invalid(format!(
@@ -439,6 +446,30 @@ taskcluster_proxy:
             parse("taskcluster_proxy:\n  credentials: {client_id: a}\n  credentials_file: /x\n")
                 .unwrap_err();
         assert!(e.contains("not both"), "{e}");
+        let e = parse(
+            "taskcluster_proxy:\n  retries:\n    replay_buffer_bytes: 2048\n    replay_budget_bytes: 1024\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("replay_buffer_bytes") && e.contains("1024"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn replay_and_header_deadline_keys() {
+        let c = parse(
+            "taskcluster_proxy:\n  retries:\n    replay_buffer_bytes: 4096\n    replay_budget_bytes: 8192\n  downstream_timeouts:\n    header_seconds: 5\n",
+        )
+        .unwrap();
+        assert_eq!(c.retries.replay_buffer_bytes, 4096);
+        assert_eq!(c.retries.replay_budget_bytes, 8192);
+        assert_eq!(c.retries.max_attempts, RetryPolicy::default().max_attempts);
+        assert_eq!(c.downstream_timeouts.header_seconds, 5);
+        assert_eq!(c.downstream_timeouts.read_seconds, 60);
+        let d = parse("taskcluster_proxy: {}\n").unwrap();
+        assert_eq!(d.retries.replay_buffer_bytes, 1024 * 1024);
+        assert_eq!(d.downstream_timeouts.header_seconds, 30);
     }
 
     #[test]

@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -42,6 +43,9 @@ pub struct DownstreamTimeouts {
     pub read_seconds: u64,
     /// How long an idle keep-alive connection waits for its next request.
     pub keepalive_seconds: u64,
+    /// Total time for a request header once its first byte arrived (0: no total limit), so
+    /// a client trickling a header cannot keep a connection forever.
+    pub header_seconds: u64,
 }
 
 impl Default for DownstreamTimeouts {
@@ -49,14 +53,15 @@ impl Default for DownstreamTimeouts {
         DownstreamTimeouts {
             read_seconds: 60,
             keepalive_seconds: 60,
+            header_seconds: 30,
         }
     }
 }
 
 /// Upstream retries (`taskcluster_proxy.retries`). Connection failures (nothing sent yet)
-/// are retried for any method; failures after sending only for idempotent requests on a
-/// reused connection whose body fitted in Pingora's 64 KiB replay buffer (larger streamed
-/// bodies are never replayed).
+/// are retried for any method; a 5xx, or a failure after sending on a reused connection,
+/// only for idempotent requests whose body was kept for replay (see [`ReplayBudget`]).
+/// Larger streamed bodies are never replayed.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryPolicy {
@@ -66,6 +71,11 @@ pub struct RetryPolicy {
     pub max_seconds: f64,
     /// First back-off; doubled per retry, with ±50 % jitter.
     pub initial_backoff_ms: u64,
+    /// Largest request body kept for replay (idempotent methods only).
+    pub replay_buffer_bytes: usize,
+    /// Body bytes kept for replay across all requests in flight; a request that would
+    /// exceed it is sent without a replay copy, so it is not retried after sending.
+    pub replay_budget_bytes: usize,
 }
 
 impl Default for RetryPolicy {
@@ -74,6 +84,8 @@ impl Default for RetryPolicy {
             max_attempts: 3,
             max_seconds: 10.0,
             initial_backoff_ms: 100,
+            replay_buffer_bytes: 1024 * 1024,
+            replay_budget_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -90,6 +102,83 @@ impl RetryPolicy {
         let exp = attempt.saturating_sub(2).min(16);
         let base = self.initial_backoff_ms as f64 * f64::from(1u32 << exp);
         Duration::from_secs_f64(base * (0.5 + jitter.clamp(0.0, 1.0)) / 1000.0)
+    }
+}
+
+/// How a request body is framed, as far as replay is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFraming {
+    Empty,
+    Length(u64),
+    Chunked,
+}
+
+impl RetryPolicy {
+    /// Bytes to set aside for replaying a request body: none for methods that are never
+    /// replayed after sending, for empty bodies, and for bodies that cannot fit (so nothing
+    /// is copied in vain); the declared length, or the whole allowance when chunked.
+    pub fn replay_capacity(&self, idempotent: bool, body: BodyFraming) -> usize {
+        match body {
+            _ if !idempotent => 0,
+            BodyFraming::Empty => 0,
+            BodyFraming::Length(n) => usize::try_from(n)
+                .ok()
+                .filter(|&n| n <= self.replay_buffer_bytes)
+                .unwrap_or(0),
+            BodyFraming::Chunked => self.replay_buffer_bytes,
+        }
+    }
+}
+
+/// Bytes of request bodies that may be held for replay at once, across all requests: a
+/// burst of large idempotent uploads cannot grow memory beyond it. Lock-free.
+#[derive(Debug)]
+pub struct ReplayBudget {
+    free: AtomicUsize,
+}
+
+impl ReplayBudget {
+    pub fn new(bytes: usize) -> Arc<Self> {
+        Arc::new(ReplayBudget {
+            free: AtomicUsize::new(bytes),
+        })
+    }
+
+    /// Sets `bytes` aside until the reservation is dropped; `None` when not enough is free.
+    pub fn reserve(self: &Arc<Self>, bytes: usize) -> Option<ReplayReservation> {
+        self.free
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |free| {
+                free.checked_sub(bytes)
+            })
+            .ok()?;
+        Some(ReplayReservation {
+            budget: Arc::clone(self),
+            bytes,
+        })
+    }
+
+    pub fn free(&self) -> usize {
+        self.free.load(Ordering::Acquire)
+    }
+}
+
+/// A share of the [`ReplayBudget`], given back on drop (end of the request, whatever path
+/// it ended on).
+#[derive(Debug)]
+pub struct ReplayReservation {
+    budget: Arc<ReplayBudget>,
+    bytes: usize,
+}
+
+impl ReplayReservation {
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for ReplayReservation {
+    fn drop(&mut self) {
+        self.budget.free.fetch_add(self.bytes, Ordering::AcqRel);
     }
 }
 
@@ -158,6 +247,56 @@ mod tests {
         assert_eq!(p.backoff(3, 0.5), Duration::from_millis(200));
         assert_eq!(p.backoff(3, 0.0), Duration::from_millis(100));
         assert!(p.backoff(40, 0.99) <= Duration::from_secs(10_000));
+    }
+
+    #[test]
+    fn replay_capacity_by_method_and_framing() {
+        let p = RetryPolicy {
+            replay_buffer_bytes: 1000,
+            ..RetryPolicy::default()
+        };
+        assert_eq!(p.replay_capacity(true, BodyFraming::Length(1000)), 1000);
+        assert_eq!(p.replay_capacity(true, BodyFraming::Length(10)), 10);
+        assert_eq!(
+            p.replay_capacity(true, BodyFraming::Length(1001)),
+            0,
+            "cannot fit"
+        );
+        assert_eq!(p.replay_capacity(true, BodyFraming::Length(u64::MAX)), 0);
+        assert_eq!(p.replay_capacity(true, BodyFraming::Chunked), 1000);
+        assert_eq!(p.replay_capacity(true, BodyFraming::Empty), 0);
+        assert_eq!(p.replay_capacity(false, BodyFraming::Length(10)), 0, "POST");
+        assert_eq!(p.replay_capacity(false, BodyFraming::Chunked), 0);
+    }
+
+    #[test]
+    fn replay_budget_is_given_back_on_drop() {
+        let budget = ReplayBudget::new(100);
+        let a = budget.reserve(60).expect("fits");
+        assert!(budget.reserve(41).is_none(), "only 40 left");
+        let b = budget.reserve(40).expect("exactly fits");
+        assert_eq!(budget.free(), 0);
+        drop(a);
+        assert_eq!(budget.free(), 60);
+        drop(b);
+        assert_eq!(budget.free(), 100);
+        // Concurrent reservers never overdraw.
+        let held: Vec<_> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..100)
+                            .filter_map(|_| budget.reserve(3))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(held.len(), 33);
+        assert_eq!(budget.free(), 1);
+        drop(held);
+        assert_eq!(budget.free(), 100);
     }
 
     #[test]

@@ -136,6 +136,7 @@ pub struct Metrics {
     pub rejected_rate_limited: IntCounter,
     pub rejected_forbidden: IntCounter,
     pub rejected_unknown_task: IntCounter,
+    pub replay_refused: IntCounter,
     pub tasks_registered: IntGauge,
     pub rotations: IntCounter,
     pub signing_errors: IntCounter,
@@ -262,6 +263,12 @@ impl Metrics {
             rejected_rate_limited: rejected_requests.with_label_values(&["rate_limited"]),
             rejected_forbidden: rejected_requests.with_label_values(&["forbidden"]),
             rejected_unknown_task: rejected_requests.with_label_values(&["unknown_task"]),
+            replay_refused: counter(
+                &registry,
+                "retry_replay_refused_total",
+                "Idempotent requests sent without a replay copy of their body because the \
+                 replay budget was in use (not retried after sending).",
+            ),
             tasks_registered: gauge(
                 &registry,
                 "tasks_registered",

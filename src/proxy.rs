@@ -19,7 +19,10 @@ use crate::accesslog;
 use crate::config::CredentialsEndpoint;
 use crate::credentials::{CredentialStore, Credentials, Identity};
 use crate::endpoints::{self, MAX_BODY};
-use crate::limits::{DownstreamTimeouts, Limits, RateLimiter, RetryPolicy};
+use crate::limits::{
+    BodyFraming, DownstreamTimeouts, Limits, RateLimiter, ReplayBudget, ReplayReservation,
+    RetryPolicy,
+};
 use crate::metrics::{ConnectionGuard, Form, Labels, METRICS};
 use crate::policy::HostAllowlist;
 use crate::registry::{self, Caller, TaskEntry, TokenHash};
@@ -99,6 +102,8 @@ pub struct TaskclusterProxy {
     pub access_log: accesslog::Format,
     pub limits: Limits,
     pub retries: RetryPolicy,
+    /// Memory for request bodies kept for replay, shared by all requests.
+    pub replay: Arc<ReplayBudget>,
     pub downstream: DownstreamTimeouts,
     pub rate: Option<RateLimiter>,
     /// Task-facing or admin listener.
@@ -150,11 +155,30 @@ pub struct RequestCtx {
     narrow: Option<Vec<u8>>,
     /// The scopes the last attempt was signed with, for the response header.
     narrowed_scopes: Option<Vec<String>>,
+    /// This request's share of the replay budget, held until the request ends.
+    replay: Option<ReplayReservation>,
 }
 
 impl RequestCtx {
     fn origin<'a>(&'a self, root: &'a RootUrl) -> Option<&'a Origin> {
         self.route.as_ref().map(|r| r.origin(root))
+    }
+}
+
+/// The request body's framing, from headers Pingora has already validated (it drops
+/// `Content-Length` when `Transfer-Encoding` is present).
+fn body_framing(req: &RequestHeader) -> BodyFraming {
+    let headers = &req.headers;
+    if headers.contains_key(http::header::TRANSFER_ENCODING) {
+        return BodyFraming::Chunked;
+    }
+    match headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+    {
+        Some(0) | None => BodyFraming::Empty,
+        Some(n) => BodyFraming::Length(n),
     }
 }
 
@@ -217,6 +241,28 @@ impl TaskclusterProxy {
             .map(|a| a.ip().to_canonical());
         let entry = registry.identify(token.as_ref(), &Caller { uid, ip })?;
         Ok((entry, offset))
+    }
+
+    /// Sizes this request's replay buffer before Pingora reads any of the body: up to
+    /// `retries.replay_buffer_bytes` for an idempotent request if the shared budget allows,
+    /// otherwise none, so the body is streamed once and never replayed.
+    fn keep_body_for_replay(&self, session: &mut Session, ctx: &mut RequestCtx) {
+        let req = session.req_header();
+        let capacity = self
+            .retries
+            .replay_capacity(req.method.is_idempotent(), body_framing(req));
+        let reservation = match capacity {
+            0 => None,
+            n => self.replay.reserve(n).or_else(|| {
+                METRICS.replay_refused.inc();
+                None
+            }),
+        };
+        let capacity = reservation.as_ref().map_or(0, ReplayReservation::bytes);
+        session
+            .as_downstream_mut()
+            .enable_retry_buffering_with_capacity(capacity);
+        ctx.replay = reservation;
     }
 
     /// The limit a request breaks, if any: status, the counter to bump, and the message.
@@ -463,6 +509,7 @@ impl ProxyHttp for TaskclusterProxy {
             connection: None,
             narrow: None,
             narrowed_scopes: None,
+            replay: None,
         }
     }
 
@@ -648,6 +695,7 @@ impl ProxyHttp for TaskclusterProxy {
                             }
                             ctx.narrow = narrow;
                             ctx.route = Some(route);
+                            self.keep_body_for_replay(session, ctx);
                             return Ok(false);
                         }
                         Err(e) => {

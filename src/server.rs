@@ -6,6 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::TcpSocketOptions;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
@@ -17,7 +18,7 @@ use crate::admin::AdminApp;
 use crate::cli::{Cli, ConfigError, Settings};
 use crate::config::Listener;
 use crate::credentials::{CredentialStore, Credentials, Identity};
-use crate::limits::RateLimiter;
+use crate::limits::{DownstreamTimeouts, RateLimiter, ReplayBudget};
 use crate::metrics::MetricsApp;
 use crate::policy::HostAllowlist;
 use crate::proxy::{Role, TaskclusterProxy, Upstreams};
@@ -195,6 +196,7 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
     };
     let rotation = Arc::new(tokio::sync::Mutex::new(()));
     let admission = settings.admission.clone().map(Arc::new);
+    let replay = ReplayBudget::new(settings.retries.replay_budget_bytes);
     let make_proxy = |role| TaskclusterProxy {
         root_url: settings.root_url.clone(),
         tenancy: tenancy.clone(),
@@ -204,6 +206,7 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
         access_log: settings.access_log,
         limits: settings.limits,
         retries: settings.retries,
+        replay: replay.clone(),
         downstream: settings.downstream_timeouts,
         rate: RateLimiter::new(settings.limits.requests_per_second_per_client),
         role,
@@ -213,6 +216,7 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
         admission: admission.clone().filter(|_| role == Role::Task),
     };
     let mut service = http_proxy_service(&server.configuration, make_proxy(Role::Task));
+    set_server_options(&mut service, &settings.downstream_timeouts);
     add_listeners(&mut service, &settings.listen, "tasks");
     if let Some(admission) = &admission {
         // TCP callers are checked when accepted, before anything is read; rejected
@@ -264,6 +268,7 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
     }
     if !settings.admin_listen.is_empty() {
         let mut admin = http_proxy_service(&server.configuration, make_proxy(Role::Admin));
+        set_server_options(&mut admin, &settings.downstream_timeouts);
         add_listeners(&mut admin, &settings.admin_listen, "PUT /credentials");
         server.add_service(admin);
     }
@@ -292,6 +297,20 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
         ));
     }
     server.run_forever()
+}
+
+/// Connection-level HTTP options: the total request-header deadline (carried Pingora patch,
+/// see vendor/README.md).
+fn set_server_options(
+    service: &mut Service<pingora_proxy::HttpProxy<TaskclusterProxy>>,
+    timeouts: &DownstreamTimeouts,
+) {
+    if let Some(proxy) = service.app_logic_mut() {
+        let mut options = HttpServerOptions::default();
+        options.header_read_timeout = (timeouts.header_seconds > 0)
+            .then(|| std::time::Duration::from_secs(timeouts.header_seconds));
+        proxy.server_options = Some(options);
+    }
 }
 
 fn add_listeners<A>(service: &mut Service<A>, listeners: &[Listener], purpose: &str) {

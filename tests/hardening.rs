@@ -584,3 +584,282 @@ fn credentials_only_from_root_when_configured() {
     let r = send(proxy.addr(), "GET", b"/queue/v1/x", &[], b"");
     assert_eq!(r.json()["auth"]["clientId"], json!(CLIENT2_ID));
 }
+
+/// Sends `PUT target` with `body` (as `Content-Length`, or chunked in 64 KiB chunks) and
+/// returns the status and the fake upstream's echo records of the attempts it caused.
+fn put_attempts(
+    tc: &support::FakeTc,
+    proxy: SocketAddr,
+    target: &str,
+    body: &[u8],
+    chunked: bool,
+) -> (u16, Vec<serde_json::Value>) {
+    let before = tc.requests().len();
+    let mut s = TcpStream::connect(proxy).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let framing = if chunked {
+        "Transfer-Encoding: chunked".to_string()
+    } else {
+        format!("Content-Length: {}", body.len())
+    };
+    write!(
+        s,
+        "PUT {target} HTTP/1.1\r\nHost: p\r\nConnection: close\r\n{framing}\r\n\r\n"
+    )
+    .unwrap();
+    if chunked {
+        for chunk in body.chunks(64 * 1024) {
+            write!(s, "{:x}\r\n", chunk.len()).unwrap();
+            s.write_all(chunk).unwrap();
+            s.write_all(b"\r\n").unwrap();
+        }
+        s.write_all(b"0\r\n\r\n").unwrap();
+    } else {
+        s.write_all(body).unwrap();
+    }
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).unwrap();
+    let status = String::from_utf8_lossy(&answer)
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, tc.requests()[before..].to_vec())
+}
+
+/// Every attempt carried the whole body and its own valid signature.
+fn assert_replayed_intact(attempts: &[serde_json::Value], body: &[u8]) {
+    let sha = support::fake_tc::sha256_hex(body);
+    let mut authorizations = std::collections::HashSet::new();
+    for a in attempts {
+        assert_eq!(a["body_len"].as_u64(), Some(body.len() as u64), "{a}");
+        assert_eq!(a["body_sha256"].as_str(), Some(sha.as_str()));
+        assert_auth_ok(a);
+        authorizations.insert(
+            a["headers"]["authorization"][0]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    assert_eq!(
+        authorizations.len(),
+        attempts.len(),
+        "each attempt is signed afresh"
+    );
+}
+
+#[test]
+fn idempotent_bodies_up_to_the_replay_buffer_are_replayed_intact() {
+    let tc = fake();
+    let dir = TestDir::new();
+    // Default replay_buffer_bytes: 1 MiB, 16 times Pingora's own 64 KiB.
+    let proxy = proxy_with(
+        &dir,
+        &tc.root_url(),
+        "  retries:\n    max_attempts: 3\n    initial_backoff_ms: 10\n",
+    );
+    let mib: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
+
+    let (status, attempts) = put_attempts(&tc, proxy.addr(), "/queue/v1/__status/503", &mib, false);
+    assert_eq!(status, 503);
+    assert_eq!(attempts.len(), 3, "a 1 MiB PUT is replayed on 5xx");
+    assert_replayed_intact(&attempts, &mib);
+
+    let chunked = &mib[..700 * 1024];
+    let (status, attempts) =
+        put_attempts(&tc, proxy.addr(), "/queue/v1/__status/502", chunked, true);
+    assert_eq!(status, 502);
+    assert_eq!(attempts.len(), 3, "a chunked 700 KiB PUT is replayed too");
+    assert_replayed_intact(&attempts, chunked);
+
+    // One byte over: streamed once, never replayed.
+    let mut over = mib.clone();
+    over.push(0);
+    let (status, attempts) =
+        put_attempts(&tc, proxy.addr(), "/queue/v1/__status/503", &over, false);
+    assert_eq!(status, 503);
+    assert_eq!(
+        attempts.len(),
+        1,
+        "a body over the replay buffer is not replayed"
+    );
+    assert_eq!(attempts[0]["body_len"].as_u64(), Some(over.len() as u64));
+
+    // A chunked body that turns out larger than the buffer: not replayed either.
+    let (status, attempts) = put_attempts(&tc, proxy.addr(), "/queue/v1/__status/503", &over, true);
+    assert_eq!(status, 503);
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0]["body_len"].as_u64(), Some(over.len() as u64));
+
+    // The buffer is configurable.
+    let small = proxy_with(
+        &TestDir::new(),
+        &tc.root_url(),
+        "  retries:\n    max_attempts: 2\n    initial_backoff_ms: 10\n    replay_buffer_bytes: 1000\n",
+    );
+    let (_, attempts) = put_attempts(
+        &tc,
+        small.addr(),
+        "/queue/v1/__status/503",
+        &mib[..1000],
+        false,
+    );
+    assert_eq!(attempts.len(), 2);
+    let (_, attempts) = put_attempts(
+        &tc,
+        small.addr(),
+        "/queue/v1/__status/503",
+        &mib[..1001],
+        false,
+    );
+    assert_eq!(attempts.len(), 1);
+}
+
+#[test]
+fn replay_budget_bounds_the_bodies_held_at_once() {
+    let tc = fake();
+    let dir = TestDir::new();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let proxy = proxy_with(
+        &dir,
+        &tc.root_url(),
+        &format!(
+            "  metrics_address: \"{metrics}\"\n  retries:\n    max_attempts: 3\n    initial_backoff_ms: 10\n    replay_budget_bytes: 1048576\n"
+        ),
+    );
+    let refused = || {
+        let text = support::client::get(metrics, "/metrics").text();
+        text.lines()
+            .find_map(|l| l.strip_prefix("taskcluster_proxy_retry_replay_refused_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    assert_eq!(refused(), Some(0.0));
+    let body = vec![5u8; 200 * 1024];
+    // A 1 MiB PUT in flight (half its body sent) holds the whole budget.
+    let mut holder = TcpStream::connect(proxy.addr()).unwrap();
+    write!(
+        holder,
+        "PUT /queue/v1/slow-upload HTTP/1.1\r\nHost: p\r\nContent-Length: 1048576\r\n\r\n"
+    )
+    .unwrap();
+    holder.write_all(&vec![1u8; 512 * 1024]).unwrap();
+    // Once its head reached the upstream, the proxy has reserved its share.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tc.requests_seen() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the upload never reached the upstream"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let (status, attempts) =
+        put_attempts(&tc, proxy.addr(), "/queue/v1/__status/503", &body, false);
+    assert_eq!(status, 503);
+    assert_eq!(
+        attempts.len(),
+        1,
+        "sent without a replay copy, so not retried"
+    );
+    assert_eq!(attempts[0]["body_len"].as_u64(), Some(body.len() as u64));
+    // The upload ends (the client gives up): its share comes back.
+    drop(holder);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, attempts) =
+            put_attempts(&tc, proxy.addr(), "/queue/v1/__status/503", &body, false);
+        assert_eq!(status, 503);
+        if attempts.len() == 3 {
+            assert_replayed_intact(&attempts, &body);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the budget was never given back");
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Writes `bytes` one at a time, `gap` apart, until the peer closes; returns how long the
+/// connection stayed open, or `None` if it outlived `limit`.
+fn trickle_until_closed(
+    s: &mut TcpStream,
+    bytes: &[u8],
+    gap: Duration,
+    limit: Duration,
+) -> Option<Duration> {
+    let start = Instant::now();
+    s.set_read_timeout(Some(gap)).unwrap();
+    for b in bytes.iter().cycle() {
+        if start.elapsed() > limit {
+            return None;
+        }
+        if s.write_all(&[*b]).is_err() {
+            return Some(start.elapsed());
+        }
+        let mut buf = [0u8; 256];
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) if start.elapsed() > limit => return None,
+            Ok(0) => return Some(start.elapsed()),
+            Ok(_) => panic!("the proxy answered a request that never ended"),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return Some(start.elapsed()),
+        }
+    }
+    unreachable!()
+}
+
+#[test]
+fn a_trickled_request_header_is_cut_off_at_the_header_deadline() {
+    let tc = fake();
+    let dir = TestDir::new();
+    let proxy = proxy_with(
+        &dir,
+        &tc.root_url(),
+        "  downstream_timeouts:\n    header_seconds: 1\n",
+    );
+    // One byte every 100 ms: never silent long enough for the 60 s per-read timeout.
+    let mut s = TcpStream::connect(proxy.addr()).unwrap();
+    s.write_all(b"GET /queue/v1/x HTTP/1.1\r\n").unwrap();
+    let open = trickle_until_closed(
+        &mut s,
+        b"X-Slow: aaaaaaaaaaaaaaaaaaaa\r\n",
+        Duration::from_millis(100),
+        Duration::from_secs(10),
+    )
+    .expect("a trickling client kept its connection past 10 s");
+    eprintln!("trickled header cut off after {open:?}");
+    assert!(open >= Duration::from_millis(800), "{open:?}");
+    assert!(open < Duration::from_secs(4), "{open:?}");
+
+    // The deadline starts with a request's first byte: an idle keep-alive connection
+    // longer than header_seconds still gets its next request served.
+    let mut c = support::Conn::connect(proxy.addr()).unwrap();
+    let r = c.request("GET", b"/queue/v1/first", &[], b"").unwrap();
+    assert_eq!(r.status, 200);
+    thread::sleep(Duration::from_millis(1500));
+    let r = c.request("GET", b"/queue/v1/second", &[], b"").unwrap();
+    assert_eq!(r.status, 200);
+    assert_auth_ok(&r.json());
+
+    // Without the deadline (0), the same trickle is only bound by the per-read timeout.
+    let off = proxy_with(
+        &TestDir::new(),
+        &tc.root_url(),
+        "  downstream_timeouts:\n    header_seconds: 0\n",
+    );
+    let mut s = TcpStream::connect(off.addr()).unwrap();
+    s.write_all(b"GET /queue/v1/x HTTP/1.1\r\n").unwrap();
+    assert_eq!(
+        trickle_until_closed(
+            &mut s,
+            b"X-Slow: a\r\n",
+            Duration::from_millis(100),
+            Duration::from_secs(3)
+        ),
+        None,
+        "with header_seconds: 0 the connection should stay open"
+    );
+}

@@ -385,6 +385,14 @@ impl Session {
         }
     }
 
+    /// Bound the whole HTTP/1 request header read, from its first byte; a noop for other
+    /// session types (taskcluster-proxy patch).
+    pub fn set_header_read_timeout(&mut self, timeout: Option<Duration>) {
+        if let Self::H1(s) = self {
+            s.set_header_read_timeout(timeout);
+        }
+    }
+
     /// Gets the downstream read timeout if set.
     pub fn get_read_timeout(&self) -> Option<Duration> {
         match self {
@@ -673,6 +681,15 @@ impl Session {
             Self::H2(s) => s.enable_retry_buffering(),
             Self::Subrequest(s) => s.enable_retry_buffering(),
             Self::Custom(s) => s.enable_retry_buffering(),
+        }
+    }
+
+    /// [`Self::enable_retry_buffering`] with a chosen capacity for HTTP/1 sessions; other
+    /// session types keep their default (taskcluster-proxy patch).
+    pub fn enable_retry_buffering_with_capacity(&mut self, capacity: usize) {
+        match self {
+            Self::H1(s) => s.enable_retry_buffering_with_capacity(capacity),
+            _ => self.enable_retry_buffering(),
         }
     }
 

@@ -102,6 +102,9 @@ pub struct HttpSession {
     /// timeouts:
     keepalive_timeout: KeepaliveStatus,
     read_timeout: Option<Duration>,
+    /// Total time allowed for a request header once its first byte has arrived (taskcluster-proxy
+    /// patch): per-read timeouts alone let a client trickle a header forever.
+    header_read_timeout: Option<Duration>,
     write_timeout: Option<Duration>,
     /// How long to wait to make downstream session reusable, if body needs to be drained.
     total_drain_timeout: Option<Duration>,
@@ -187,6 +190,7 @@ impl HttpSession {
             response_written: None,
             request_header: None,
             read_timeout: Some(Duration::from_secs(60)),
+            header_read_timeout: None,
             write_timeout: None,
             total_drain_timeout: None,
             body_bytes_sent: 0,
@@ -209,7 +213,27 @@ impl HttpSession {
         }
     }
 
+    /// [`Self::read_request_buf_once`], bounded by the header deadline if one is running.
     async fn read_request_buf(
+        &mut self,
+        buf: &mut BytesMut,
+        already_read: usize,
+        header_deadline: Option<(std::time::Instant, Duration)>,
+    ) -> Result<Option<usize>> {
+        let Some((deadline, limit)) = header_deadline else {
+            return self.read_request_buf_once(buf, already_read).await;
+        };
+        let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+        match timeout(remaining, self.read_request_buf_once(buf, already_read)).await {
+            Ok(res) => res,
+            Err(_) => Error::e_explain(
+                ReadTimedout,
+                format!("request header not complete within {limit:?}"),
+            ),
+        }
+    }
+
+    async fn read_request_buf_once(
         &mut self,
         buf: &mut BytesMut,
         already_read: usize,
@@ -304,7 +328,15 @@ impl HttpSession {
         let mut already_read = buf.len();
         let mut skip_next_read = already_read != 0;
         let mut detached_suffix = None;
+        let mut header_deadline = None;
         loop {
+            // The header deadline starts with the request's first byte, so keep-alive idle time
+            // stays governed by the keep-alive timeout.
+            if already_read > 0 && header_deadline.is_none() {
+                header_deadline = self
+                    .header_read_timeout
+                    .map(|t| (std::time::Instant::now() + t, t));
+            }
             if already_read > MAX_HEADER_SIZE {
                 /* NOTE: this check only blocks second read. The first large read is allowed
                 since the buf is already allocated. The goal is to avoid slowly bloating
@@ -323,7 +355,10 @@ impl HttpSession {
             // this request and is waiting for our response).
             if skip_next_read {
                 skip_next_read = false;
-            } else if let Some(n) = self.read_request_buf(&mut buf, already_read).await? {
+            } else if let Some(n) = self
+                .read_request_buf(&mut buf, already_read, header_deadline)
+                .await?
+            {
                 already_read += n;
             } else {
                 return Ok(None);
@@ -1159,8 +1194,15 @@ impl HttpSession {
     }
 
     pub fn enable_retry_buffering(&mut self) {
+        self.enable_retry_buffering_with_capacity(BODY_BUF_LIMIT)
+    }
+
+    /// [`Self::enable_retry_buffering`] with a chosen capacity instead of 64 KiB
+    /// (taskcluster-proxy patch). Like it, a no-op once buffering is enabled, so calling it
+    /// before the proxy does sets the capacity for this request.
+    pub fn enable_retry_buffering_with_capacity(&mut self, capacity: usize) {
         if self.retry_buffer.is_none() {
-            self.retry_buffer = Some(FixedBuffer::new(BODY_BUF_LIMIT))
+            self.retry_buffer = Some(FixedBuffer::new(capacity))
         }
     }
 
@@ -1332,6 +1374,12 @@ impl HttpSession {
     /// to read from the stream after `timeout`.
     pub fn set_read_timeout(&mut self, timeout: Option<Duration>) {
         self.read_timeout = timeout;
+    }
+
+    /// Bound the whole request header read, from its first byte (taskcluster-proxy patch).
+    /// `None` (the default) leaves only the per-read timeouts.
+    pub fn set_header_read_timeout(&mut self, timeout: Option<Duration>) {
+        self.header_read_timeout = timeout;
     }
 
     /// Gets the downstream read timeout.
