@@ -31,6 +31,16 @@ impl FixedBuffer {
         }
     }
 
+    /// Like [`Self::new`], with the storage allocated up front so that filling it never
+    /// reallocates and copies (taskcluster-proxy patch).
+    pub fn preallocated(capacity: usize) -> Self {
+        FixedBuffer {
+            buffer: BytesMut::with_capacity(capacity),
+            capacity,
+            truncated: false,
+        }
+    }
+
     // TODO: maybe store a Vec of Bytes for zero-copy
     pub fn write_to_buffer(&mut self, data: &Bytes) {
         if self.truncated {

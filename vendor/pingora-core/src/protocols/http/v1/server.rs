@@ -1197,12 +1197,12 @@ impl HttpSession {
         self.enable_retry_buffering_with_capacity(BODY_BUF_LIMIT)
     }
 
-    /// [`Self::enable_retry_buffering`] with a chosen capacity instead of 64 KiB
-    /// (taskcluster-proxy patch). Like it, a no-op once buffering is enabled, so calling it
-    /// before the proxy does sets the capacity for this request.
+    /// [`Self::enable_retry_buffering`] with a chosen capacity instead of 64 KiB, allocated
+    /// up front (taskcluster-proxy patch). Like it, a no-op once buffering is enabled, so
+    /// calling it before the proxy does sets the capacity for this request.
     pub fn enable_retry_buffering_with_capacity(&mut self, capacity: usize) {
         if self.retry_buffer.is_none() {
-            self.retry_buffer = Some(FixedBuffer::new(capacity))
+            self.retry_buffer = Some(FixedBuffer::preallocated(capacity))
         }
     }
 
