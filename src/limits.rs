@@ -59,8 +59,8 @@ impl Default for DownstreamTimeouts {
 }
 
 /// Upstream retries (`taskcluster_proxy.retries`). Connection failures (nothing sent yet)
-/// are retried for any method; a 5xx, or a failure after sending on a reused connection,
-/// only for idempotent requests whose body was kept for replay (see [`ReplayBudget`]).
+/// are retried for any method; a 5xx, or the connection breaking after sending, only for
+/// idempotent requests whose body was kept for replay (see [`ReplayBudget`]).
 /// Larger streamed bodies are never replayed.
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]

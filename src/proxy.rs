@@ -941,9 +941,11 @@ impl ProxyHttp for TaskclusterProxy {
         e
     }
 
-    /// After sending: only idempotent requests whose body fitted the replay buffer, on a
-    /// reused connection (the pooled connection may have been closed by the upstream),
-    /// within the budget.
+    /// After sending: only idempotent requests whose body was kept whole for replay, before
+    /// anything reached the task, within the budget. The upstream connection breaking
+    /// mid-request (reset, closed, a failed read or write) is retried on any connection;
+    /// other errors as Pingora decides (e.g. a closed pooled connection), and timeouts never,
+    /// so a hung upstream still answers 504 after one read timeout.
     fn error_while_proxy(
         &self,
         peer: &HttpPeer,
@@ -953,11 +955,19 @@ impl ProxyHttp for TaskclusterProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        if !session.req_header().method.is_idempotent()
-            || session.as_ref().retry_buffer_truncated()
-            || !self.retries.may_retry(ctx.attempts, ctx.start.elapsed())
-        {
+        let replayable = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated()
+            && session.response_written().is_none()
+            && self.retries.may_retry(ctx.attempts, ctx.start.elapsed());
+        let broken_upstream = *e.esource() == ErrorSource::Upstream
+            && matches!(
+                e.etype(),
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed
+            );
+        if !replayable {
             e.set_retry(false);
+        } else if broken_upstream {
+            e.set_retry(true);
         } else {
             e.retry.decide_reuse(client_reused);
         }

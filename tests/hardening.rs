@@ -863,3 +863,86 @@ fn a_trickled_request_header_is_cut_off_at_the_header_deadline() {
         "with header_seconds: 0 the connection should stay open"
     );
 }
+
+/// An upstream whose first connection answers one request, then drops the next one part-way
+/// through its body (a pooled connection dying mid-request); later connections read whole
+/// bodies and answer `200` with the number of body bytes received.
+fn upstream_dropping_second_request(drop_after: usize) -> (u16, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let c = connections.clone();
+    let content_length = |head: &str| {
+        head.lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse::<usize>().ok())?
+            })
+            .unwrap_or(0)
+    };
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let first = c.fetch_add(1, Ordering::SeqCst) == 0;
+            thread::spawn(move || loop {
+                let head = read_head(&mut conn);
+                if head.is_empty() {
+                    return;
+                }
+                let len = content_length(&head);
+                let mut left = if first { len.min(drop_after) } else { len };
+                let mut got = 0;
+                let mut buf = vec![0u8; 64 * 1024];
+                while left > 0 {
+                    match conn.read(&mut buf[..left.min(64 * 1024)]) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            left -= n;
+                            got += n;
+                        }
+                    }
+                }
+                if first && len > drop_after {
+                    return; // dropped mid-body
+                }
+                let body = format!("got {got}");
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if conn.write_all(answer.as_bytes()).is_err() {
+                    return;
+                }
+            });
+        }
+    });
+    (port, connections)
+}
+
+#[test]
+fn a_put_over_64_kib_is_replayed_after_its_upstream_connection_dies_mid_body() {
+    // 512 KiB: eight times Pingora's own replay limit. Kept (default 1 MiB buffer): one
+    // retry on a new connection. Not kept (a 256 KiB buffer): the failure reaches the task.
+    let body = vec![9u8; 512 * 1024];
+    for (section, status, connections_used) in
+        [("", 200, 2), ("    replay_buffer_bytes: 262144\n", 502, 1)]
+    {
+        let (port, connections) = upstream_dropping_second_request(100 * 1024);
+        let dir = TestDir::new();
+        let proxy = proxy_with(
+            &dir,
+            &format!("http://127.0.0.1:{port}"),
+            &format!("  retries:\n    initial_backoff_ms: 10\n{section}"),
+        );
+        let mut c = support::Conn::connect(proxy.addr()).unwrap();
+        let r = c.request("GET", b"/queue/v1/warm", &[], b"").unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let r = c.request("PUT", b"/queue/v1/put", &[], &body).unwrap();
+        assert_eq!(r.status, status, "{}\n{}", r.text(), proxy.stderr_text());
+        if status == 200 {
+            assert_eq!(r.text(), format!("got {}", body.len()));
+        }
+        assert_eq!(connections.load(Ordering::SeqCst), connections_used);
+    }
+}
