@@ -311,3 +311,34 @@ fn sigterm_with_idle_keepalive_connection_exits_after_grace() {
     assert_eq!(status.unwrap().code(), Some(0));
     assert!(took < Duration::from_secs(GRACE + 5), "took {took:?}");
 }
+
+/// A connection accepted just before SIGTERM, whose request arrives just after, is served
+/// (in an upgrade, the old process accepts until the moment it shuts down); an idle
+/// keep-alive connection is closed once that short grace is over.
+#[test]
+fn a_request_arriving_just_after_sigterm_on_an_accepted_connection_is_served() {
+    let tc = support::fake();
+    let dir = TestDir::new();
+    let (addr, mut p) = start_foreground(&tc, &dir, 10);
+    let mut fresh = client::Conn::connect(addr).unwrap();
+    let mut idle = idle_keepalive(addr);
+    // Let the proxy accept the fresh connection before it stops accepting.
+    std::thread::sleep(Duration::from_millis(200));
+    p.signal(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        connection_refused(addr),
+        "still accepting 300 ms after SIGTERM"
+    );
+    let r = fresh
+        .request("GET", b"/queue/v1/late", &[], b"")
+        .expect("the accepted connection was dropped instead of served");
+    assert_eq!(r.status, 200, "{}", r.text());
+    support::assert_auth_ok(&r.json());
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        idle.request("GET", b"/queue/v1/idle-again", &[], b"").is_err() || idle.is_closed(),
+        "idle keep-alive connection still served 1.8 s after SIGTERM"
+    );
+    p.signal(libc::SIGINT);
+}

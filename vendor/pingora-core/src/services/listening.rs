@@ -40,6 +40,12 @@ use std::fs::Permissions;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Between closing the listeners and dropping connections that wait for a request
+/// (taskcluster-proxy patch): a connection accepted an instant before shutdown, whose request
+/// is still on its way, is served instead of dropped. This matters in a graceful upgrade,
+/// where the old process keeps accepting until the moment it shuts down.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
 /// Override the runtime options used to run a listening service.
 pub type RuntimeOptsOverride = Arc<dyn Fn(&RuntimeOpts) -> Option<RuntimeOpts> + Send + Sync>;
 
@@ -316,6 +322,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Service<A> {
 
         futures::future::join_all(handlers).await;
         self.listeners.cleanup();
+        tokio::time::sleep(FIRST_REQUEST_GRACE).await;
         app_logic.cleanup().await;
     }
 
