@@ -111,7 +111,7 @@ impl Proc {
                     self.stderr_text()
                 ));
             }
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            if owns_listener(self.child.id(), addr) {
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -421,6 +421,61 @@ pub fn mode_of(path: &Path) -> u32 {
 /// `127.0.0.1:<free port>`.
 pub fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], super::proxy::free_port()))
+}
+
+/// Whether process `pid` itself holds a listening TCP socket bound to `addr` (or to the
+/// wildcard address on its port). A successful connect is not proof: with ports picked by
+/// binding port 0 and releasing it, another server in the test process can end up on the
+/// same port, and a test would then talk to it before the proxy has started.
+pub fn owns_listener(pid: u32, addr: SocketAddr) -> bool {
+    let table = if addr.is_ipv4() {
+        "/proc/net/tcp"
+    } else {
+        "/proc/net/tcp6"
+    };
+    let Ok(text) = std::fs::read_to_string(table) else {
+        return false;
+    };
+    let inodes: Vec<String> = text
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (local, state, inode) = (f.get(1)?, f.get(3)?, f.get(9)?);
+            let (ip_hex, port_hex) = local.split_once(':')?;
+            let port = u16::from_str_radix(port_hex, 16).ok()?;
+            let ip = proc_net_ip(ip_hex)?;
+            (*state == "0A" && port == addr.port() && (ip == addr.ip() || ip.is_unspecified()))
+                .then(|| format!("socket:[{inode}]"))
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+    })
+}
+
+/// An address as `/proc/net/tcp{,6}` prints it: 32-bit words in native byte order.
+fn proc_net_ip(hex: &str) -> Option<std::net::IpAddr> {
+    let words: Option<Vec<[u8; 4]>> = (0..hex.len() / 8)
+        .map(|i| {
+            u32::from_str_radix(hex.get(i * 8..i * 8 + 8)?, 16)
+                .ok()
+                .map(u32::to_ne_bytes)
+        })
+        .collect();
+    let bytes: Vec<u8> = words?.concat();
+    match bytes.len() {
+        4 => Some(std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?)),
+        16 => Some(std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?)),
+        _ => None,
+    }
 }
 
 /// Whether a TCP connection to `addr` is refused outright.

@@ -1,7 +1,7 @@
 //! Running the real `taskcluster-proxy` binary.
 
 use super::process::{read_lossy, tail};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -116,7 +116,7 @@ impl ProxyProcess {
             if let Some(status) = self.child.try_wait().map_err(|e| e.to_string())? {
                 return Err(format!("exited early with {status}"));
             }
-            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+            if super::process::owns_listener(self.child.id(), self.addr) {
                 return Ok(());
             }
             if start.elapsed() > timeout {
