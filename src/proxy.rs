@@ -165,18 +165,21 @@ impl RequestCtx {
     }
 }
 
-/// The request body's framing, from headers Pingora has already validated (it drops
-/// `Content-Length` when `Transfer-Encoding` is present).
-fn body_framing(req: &RequestHeader) -> BodyFraming {
-    let headers = &req.headers;
-    if headers.contains_key(http::header::TRANSFER_ENCODING) {
-        return BodyFraming::Chunked;
-    }
-    match headers
+/// The request's `Content-Length`, if it is a number.
+fn declared_length(req: &RequestHeader) -> Option<u64> {
+    req.headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
-    {
+}
+
+/// The request body's framing, from headers Pingora has already validated (it drops
+/// `Content-Length` when `Transfer-Encoding` is present).
+fn body_framing(req: &RequestHeader) -> BodyFraming {
+    if req.headers.contains_key(http::header::TRANSFER_ENCODING) {
+        return BodyFraming::Chunked;
+    }
+    match declared_length(req) {
         Some(0) | None => BodyFraming::Empty,
         Some(n) => BodyFraming::Length(n),
     }
@@ -354,13 +357,7 @@ impl TaskclusterProxy {
 
     /// Reads a small request body, or `None` if it is larger than `limit`.
     async fn read_small_body(session: &mut Session, limit: usize) -> Result<Option<Vec<u8>>> {
-        let declared = session
-            .req_header()
-            .headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        if declared.is_some_and(|len| len > limit as u64) {
+        if declared_length(session.req_header()).is_some_and(|len| len > limit as u64) {
             METRICS.rejected_body_too_large.inc();
             return Ok(None);
         }

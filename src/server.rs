@@ -197,26 +197,36 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
     let rotation = Arc::new(tokio::sync::Mutex::new(()));
     let admission = settings.admission.clone().map(Arc::new);
     let replay = ReplayBudget::new(settings.retries.replay_budget_bytes);
-    let make_proxy = |role| TaskclusterProxy {
-        root_url: settings.root_url.clone(),
-        tenancy: tenancy.clone(),
-        upstreams: upstreams.clone(),
-        state: state.clone(),
-        rotation: rotation.clone(),
-        access_log: settings.access_log,
-        limits: settings.limits,
-        retries: settings.retries,
-        replay: replay.clone(),
-        downstream: settings.downstream_timeouts,
-        rate: RateLimiter::new(settings.limits.requests_per_second_per_client),
-        role,
-        credentials_endpoint: settings.credentials_endpoint,
-        hostnames: hostnames.clone(),
-        // Unix-socket callers of the task listeners are checked per request.
-        admission: admission.clone().filter(|_| role == Role::Task),
+    let conf = server.configuration.clone();
+    // Every proxy service, task-facing or admin, gets the same connection options.
+    let proxy_service = |role| {
+        let mut service = http_proxy_service(
+            &conf,
+            TaskclusterProxy {
+                root_url: settings.root_url.clone(),
+                tenancy: tenancy.clone(),
+                upstreams: upstreams.clone(),
+                state: state.clone(),
+                rotation: rotation.clone(),
+                access_log: settings.access_log,
+                limits: settings.limits,
+                retries: settings.retries,
+                replay: replay.clone(),
+                downstream: settings.downstream_timeouts,
+                rate: RateLimiter::new(settings.limits.requests_per_second_per_client),
+                role,
+                credentials_endpoint: settings.credentials_endpoint,
+                hostnames: hostnames.clone(),
+                // Unix-socket callers of the task listeners are checked per request.
+                admission: admission.clone().filter(|_| role == Role::Task),
+            },
+        );
+        if let Some(proxy) = service.app_logic_mut() {
+            proxy.server_options = Some(server_options(&settings.downstream_timeouts));
+        }
+        service
     };
-    let mut service = http_proxy_service(&server.configuration, make_proxy(Role::Task));
-    set_server_options(&mut service, &settings.downstream_timeouts);
+    let mut service = proxy_service(Role::Task);
     add_listeners(&mut service, &settings.listen, "tasks");
     if let Some(admission) = &admission {
         // TCP callers are checked when accepted, before anything is read; rejected
@@ -267,8 +277,7 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
         server.add_service(admin);
     }
     if !settings.admin_listen.is_empty() {
-        let mut admin = http_proxy_service(&server.configuration, make_proxy(Role::Admin));
-        set_server_options(&mut admin, &settings.downstream_timeouts);
+        let mut admin = proxy_service(Role::Admin);
         add_listeners(&mut admin, &settings.admin_listen, "PUT /credentials");
         server.add_service(admin);
     }
@@ -301,16 +310,11 @@ pub fn run(cli: Cli, settings: Settings) -> Result<(), StartError> {
 
 /// Connection-level HTTP options: the total request-header deadline (carried Pingora patch,
 /// see vendor/README.md).
-fn set_server_options(
-    service: &mut Service<pingora_proxy::HttpProxy<TaskclusterProxy>>,
-    timeouts: &DownstreamTimeouts,
-) {
-    if let Some(proxy) = service.app_logic_mut() {
-        let mut options = HttpServerOptions::default();
-        options.header_read_timeout = (timeouts.header_seconds > 0)
-            .then(|| std::time::Duration::from_secs(timeouts.header_seconds));
-        proxy.server_options = Some(options);
-    }
+fn server_options(timeouts: &DownstreamTimeouts) -> HttpServerOptions {
+    let mut options = HttpServerOptions::default();
+    options.header_read_timeout = (timeouts.header_seconds > 0)
+        .then(|| std::time::Duration::from_secs(timeouts.header_seconds));
+    options
 }
 
 fn add_listeners<A>(service: &mut Service<A>, listeners: &[Listener], purpose: &str) {
