@@ -307,15 +307,10 @@ fn time_wait_address() -> SocketAddr {
     let mut buf = [0u8; 1];
     let _ = server.read(&mut buf); // EOF: our client closed first and ends in TIME_WAIT
     drop(server);
-    let port = format!(":{:04X} ", from.port());
     let in_time_wait = support::wait_until(Duration::from_secs(5), || {
-        std::fs::read_to_string("/proc/net/tcp")
-            .unwrap()
-            .lines()
-            .any(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                f.len() > 3 && format!("{} ", f[1]).ends_with(&port) && f[3] == "06"
-            })
+        support::process::tcp_rows(false)
+            .iter()
+            .any(|r| r.local.port() == from.port() && r.state == 0x06)
     });
     assert!(in_time_wait, "no TIME_WAIT row for {from}");
     from
@@ -366,11 +361,8 @@ fn proxy_with(tc: &support::FakeTc, extra: &[&str]) -> Option<support::ProxyProc
 fn rejected_total(metrics: SocketAddr) -> u64 {
     let r = support::send(metrics, "GET", b"/metrics", &[], b"");
     assert_eq!(r.status, 200);
-    r.text()
-        .lines()
-        .find(|l| !l.starts_with('#') && l.contains("rejected_connections_total"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
+    support::metric(&r.text(), "taskcluster_proxy_rejected_connections_total")
+        .map(|v| v as u64)
         .unwrap_or_else(|| panic!("no rejected_connections_total in\n{}", r.text()))
 }
 

@@ -730,9 +730,7 @@ fn replay_budget_bounds_the_bodies_held_at_once() {
     );
     let refused = || {
         let text = support::client::get(metrics, "/metrics").text();
-        text.lines()
-            .find_map(|l| l.strip_prefix("taskcluster_proxy_retry_replay_refused_total "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
+        support::metric(&text, "taskcluster_proxy_retry_replay_refused_total")
     };
     assert_eq!(refused(), Some(0.0));
     let body = vec![5u8; 200 * 1024];

@@ -12,7 +12,7 @@ use prometheus_parse::{LineInfo, Scrape, Value as PromValue};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 use support::client::{self, try_send, Conn};
 use support::creds::{fresh_temp_creds, make_temp_creds, now_ms, random_seed, TempCreds};
@@ -53,10 +53,11 @@ impl Obs {
     }
 }
 
-/// Wait until something accepts TCP connections on `addr`.
-fn wait_listening(addr: SocketAddr, timeout: Duration) -> bool {
+/// Wait until `proxy` itself listens on `addr` (not merely something: see
+/// [`owns_listener`](support::process::owns_listener)).
+fn wait_listening(proxy: &ProxyProcess, addr: SocketAddr, timeout: Duration) -> bool {
     support::wait_until(timeout, || {
-        TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+        support::process::owns_listener(proxy.pid(), addr)
     })
 }
 
@@ -70,7 +71,7 @@ fn spawn_obs(args: &[String], envs: &[(&str, &str)]) -> Obs {
         full.extend(args.iter().cloned());
         let refs: Vec<&str> = full.iter().map(String::as_str).collect();
         let mut proxy = ProxyProcess::spawn(&refs, envs);
-        if wait_listening(metrics, Duration::from_secs(20)) && proxy.is_running() {
+        if wait_listening(&proxy, metrics, Duration::from_secs(20)) && proxy.is_running() {
             return Obs { proxy, metrics };
         }
         last = proxy.stderr_text();
@@ -942,7 +943,7 @@ fn upstream_failure_kinds_and_yaml_settings() {
         );
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut proxy = ProxyProcess::spawn(&refs, &[]);
-        if wait_listening(metrics, Duration::from_secs(20)) && proxy.is_running() {
+        if wait_listening(&proxy, metrics, Duration::from_secs(20)) && proxy.is_running() {
             started = Some(Obs { proxy, metrics });
             break;
         }

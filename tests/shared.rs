@@ -30,8 +30,8 @@ use support::process::{free_addr, mode_of, yq, Proc, TestDir};
 use support::proxy::free_port;
 use support::users::{euid, helper_main, run_helper, two_users, User};
 use support::{
-    default_client, second_client, send, wait_until, Client, FakeTc, FakeTcOptions, ProxyProcess,
-    ACCESS_TOKEN, ACCESS_TOKEN2, CLIENT2_ID, CLIENT_ID,
+    default_client, metric, second_client, send, wait_until, Client, FakeTc, FakeTcOptions,
+    ProxyProcess, ACCESS_TOKEN, ACCESS_TOKEN2, CLIENT2_ID, CLIENT_ID,
 };
 
 const THIRD_ID: &str = "proxy-test/third";
@@ -2535,17 +2535,6 @@ fn no_identity_or_access_token_in_logs_or_responses() {
 
 // ---------------------------------------------------------------------------------------------
 // 12. Metrics
-
-/// The value of the series line starting with `series` (exact name and labels).
-fn metric(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(series)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
 
 #[test]
 fn registry_size_and_unknown_callers_are_counted() {

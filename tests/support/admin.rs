@@ -2,12 +2,12 @@
 //! `--admin-address`), request bodies, identity tokens, the checks every "no task" answer must
 //! pass, and requests sent from a chosen loopback source address (for `ip` identities).
 
-use super::client::{header_in, Conn, Framing, Response};
+use super::client::{Conn, Framing, Response};
 use super::creds::TempCreds;
 use super::users::connect_from;
 use super::verify::Client;
 use serde_json::{json, Value};
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -89,12 +89,7 @@ impl Admin {
             }
         }
         h.push(("Connection", "close"));
-        let framing = if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
-            Framing::Length(body.len() as u64)
-        } else {
-            Framing::None
-        };
-        conn.write_head(method, path.as_bytes(), &h, framing)?;
+        conn.write_head(method, path.as_bytes(), &h, Framing::of_body(method, body))?;
         let written = if body.is_empty() {
             Ok(())
         } else {
@@ -272,8 +267,7 @@ pub fn response_contains(r: &Response, needle: &str) -> bool {
         || String::from_utf8_lossy(&r.body).contains(needle)
 }
 
-/// One request (`Connection: close`) from source address `from`; the whole response is read
-/// and parsed.
+/// One request (`Connection: close`) from source address `from`; the whole response is read.
 pub fn try_send_from(
     from: IpAddr,
     to: SocketAddr,
@@ -282,106 +276,15 @@ pub fn try_send_from(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> io::Result<Response> {
-    let mut stream = connect_from(to, SocketAddr::new(from, 0))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(60)))?;
-    let mut head = format!("{method} {target} HTTP/1.1\r\nHost: {to}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
-        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
-    stream.flush()?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    parse_response(&raw, method)
+    let stream = connect_from(to, SocketAddr::new(from, 0))?;
+    let mut conn = Conn::from_tcp(stream, Duration::from_secs(60))?;
+    let mut h = headers.to_vec();
+    h.push(("Connection", "close"));
+    conn.request(method, target.as_bytes(), &h, body)
 }
 
 #[track_caller]
 pub fn send_from(from: IpAddr, to: SocketAddr, method: &str, target: &str) -> Response {
     try_send_from(from, to, method, target, &[], b"")
         .unwrap_or_else(|e| panic!("{method} {target} from {from} to {to}: {e}"))
-}
-
-fn bad(msg: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg)
-}
-
-/// Parse one complete HTTP/1.1 response (the connection was closed after it).
-pub fn parse_response(raw: &[u8], method: &str) -> io::Result<Response> {
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| bad(format!("no complete response head in {} bytes", raw.len())))?;
-    let head = String::from_utf8_lossy(&raw[..end]).into_owned();
-    let rest = &raw[end + 4..];
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let mut parts = status_line.splitn(3, ' ');
-    let version = parts.next().unwrap_or_default();
-    if !version.starts_with("HTTP/1.") {
-        return Err(bad(format!("bad status line {status_line:?}")));
-    }
-    let status: u16 = parts
-        .next()
-        .unwrap_or_default()
-        .parse()
-        .map_err(|_| bad(format!("bad status line {status_line:?}")))?;
-    let reason = parts.next().unwrap_or_default().to_string();
-    let mut headers = Vec::new();
-    for l in lines {
-        let (k, v) = l
-            .split_once(':')
-            .ok_or_else(|| bad(format!("bad header {l:?}")))?;
-        headers.push((k.trim().to_string(), v.trim().to_string()));
-    }
-    let body = if method == "HEAD" || status == 204 || status == 304 {
-        Vec::new()
-    } else if header_in(&headers, "transfer-encoding")
-        .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"))
-    {
-        dechunk(rest)?
-    } else if let Some(cl) = header_in(&headers, "content-length") {
-        let n: usize = cl
-            .parse()
-            .map_err(|_| bad(format!("bad Content-Length {cl:?}")))?;
-        if rest.len() < n {
-            return Err(bad(format!("body truncated: {} of {n} bytes", rest.len())));
-        }
-        rest[..n].to_vec()
-    } else {
-        rest.to_vec()
-    };
-    Ok(Response {
-        status,
-        reason,
-        headers,
-        body,
-    })
-}
-
-fn dechunk(mut data: &[u8]) -> io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = data
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or_else(|| bad("chunked body truncated".into()))?;
-        let line = String::from_utf8_lossy(&data[..eol]).into_owned();
-        let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| bad(format!("bad chunk size {line:?}")))?;
-        data = &data[eol + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if data.len() < size + 2 {
-            return Err(bad("chunked body truncated".into()));
-        }
-        out.extend_from_slice(&data[..size]);
-        data = &data[size + 2..];
-    }
 }

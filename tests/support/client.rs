@@ -95,6 +95,18 @@ pub enum Framing {
     Chunked,
 }
 
+impl Framing {
+    /// A buffered body's framing: `Content-Length` when there is a body or the method
+    /// normally has one (so an empty POST says `Content-Length: 0`), else none.
+    pub fn of_body(method: &str, body: &[u8]) -> Framing {
+        if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
+            Framing::Length(body.len() as u64)
+        } else {
+            Framing::None
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum RespFraming {
     Empty,
@@ -123,10 +135,17 @@ impl Conn {
     /// Plain TCP connection whose reads/writes time out after `timeout`.
     pub fn connect_with_timeout(addr: SocketAddr, timeout: Duration) -> io::Result<Conn> {
         let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+        Conn::from_tcp(s, timeout)
+    }
+
+    /// A connected TCP stream (e.g. bound to a chosen source address) whose reads/writes time
+    /// out after `timeout`; `Host:` is the peer address.
+    pub fn from_tcp(s: TcpStream, timeout: Duration) -> io::Result<Conn> {
         s.set_read_timeout(Some(timeout))?;
         s.set_write_timeout(Some(timeout))?;
         s.set_nodelay(true)?;
-        Ok(Conn::from_stream(Box::new(s), addr.to_string()))
+        let host = s.peer_addr()?.to_string();
+        Ok(Conn::from_stream(Box::new(s), host))
     }
 
     /// TLS connection trusting only `ca_pem`, with SNI/verification name `server_name`.
@@ -241,12 +260,7 @@ impl Conn {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> io::Result<Response> {
-        let framing = if !body.is_empty() || matches!(method, "POST" | "PUT" | "PATCH") {
-            Framing::Length(body.len() as u64)
-        } else {
-            Framing::None
-        };
-        self.write_head(method, target, headers, framing)?;
+        self.write_head(method, target, headers, Framing::of_body(method, body))?;
         if !body.is_empty() {
             self.stream.write_all(body)?;
             self.stream.flush()?;

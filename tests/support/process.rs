@@ -423,31 +423,54 @@ pub fn free_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], super::proxy::free_port()))
 }
 
-/// Whether process `pid` itself holds a listening TCP socket bound to `addr` (or to the
-/// wildcard address on its port). A successful connect is not proof: with ports picked by
-/// binding port 0 and releasing it, another server in the test process can end up on the
-/// same port, and a test would then talk to it before the proxy has started.
-pub fn owns_listener(pid: u32, addr: SocketAddr) -> bool {
-    let table = if addr.is_ipv4() {
-        "/proc/net/tcp"
-    } else {
+/// One row of the kernel's TCP socket table (`/proc/net/tcp{,6}`).
+#[derive(Debug, Clone, Copy)]
+pub struct TcpRow {
+    pub local: SocketAddr,
+    /// `0x0A` LISTEN, `0x06` TIME_WAIT, ...
+    pub state: u8,
+    pub inode: u64,
+}
+
+/// The IPv4 or IPv6 TCP sockets the kernel lists (empty if the table cannot be read).
+pub fn tcp_rows(ipv6: bool) -> Vec<TcpRow> {
+    let table = if ipv6 {
         "/proc/net/tcp6"
+    } else {
+        "/proc/net/tcp"
     };
-    let Ok(text) = std::fs::read_to_string(table) else {
-        return false;
-    };
-    let inodes: Vec<String> = text
-        .lines()
+    let text = std::fs::read_to_string(table).unwrap_or_default();
+    text.lines()
         .skip(1)
         .filter_map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
             let (local, state, inode) = (f.get(1)?, f.get(3)?, f.get(9)?);
             let (ip_hex, port_hex) = local.split_once(':')?;
-            let port = u16::from_str_radix(port_hex, 16).ok()?;
-            let ip = proc_net_ip(ip_hex)?;
-            (*state == "0A" && port == addr.port() && (ip == addr.ip() || ip.is_unspecified()))
-                .then(|| format!("socket:[{inode}]"))
+            Some(TcpRow {
+                local: SocketAddr::new(
+                    proc_net_ip(ip_hex)?,
+                    u16::from_str_radix(port_hex, 16).ok()?,
+                ),
+                state: u8::from_str_radix(state, 16).ok()?,
+                inode: inode.parse().ok()?,
+            })
         })
+        .collect()
+}
+
+/// Whether process `pid` itself holds a listening TCP socket bound to `addr` (or to the
+/// wildcard address on its port). A successful connect is not proof: with ports picked by
+/// binding port 0 and releasing it, another server in the test process can end up on the
+/// same port, and a test would then talk to it before the proxy has started.
+pub fn owns_listener(pid: u32, addr: SocketAddr) -> bool {
+    let inodes: Vec<String> = tcp_rows(addr.is_ipv6())
+        .into_iter()
+        .filter(|r| {
+            r.state == 0x0A
+                && r.local.port() == addr.port()
+                && (r.local.ip() == addr.ip() || r.local.ip().is_unspecified())
+        })
+        .map(|r| format!("socket:[{}]", r.inode))
         .collect();
     if inodes.is_empty() {
         return false;
